@@ -1,0 +1,74 @@
+"""The benchmark registry: ``benchmark.name -> Benchmark`` (checks, feature count, array builder)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from memhead.registry import Registry
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """How to check a benchmark's options, size its input before any data is read, and build it.
+
+    ``build(cfg, device, progress)`` returns the arrays of the stream schema (see ``data.stream``).
+    """
+
+    check: Callable[[object], None]
+    input_features: Callable[[object], int]
+    build: Callable[[object, torch.device, bool], dict[str, np.ndarray]]
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
+
+
+def _two_d(kind: str) -> Benchmark:
+    def params(cfg) -> dict:
+        return {k: v for k, v in cfg.items() if k not in ("name", "order")}
+
+    def check(cfg) -> None:
+        from data.two_d import make_2d
+
+        # Generating 2n points takes milliseconds; doing it here validates every parameter.
+        make_2d(kind, cfg.order.name, **params(cfg))
+
+    def build(cfg, device, progress) -> dict[str, np.ndarray]:
+        from data.two_d import make_2d
+
+        return make_2d(kind, cfg.order.name, **params(cfg))
+
+    return Benchmark(check=check, input_features=lambda cfg: 2, build=build)
+
+
+def _features() -> Benchmark:
+    from data.stream import load_npz, npz_feature_count
+
+    return Benchmark(
+        check=lambda cfg: npz_feature_count(cfg.path),
+        input_features=lambda cfg: npz_feature_count(cfg.path),
+        build=lambda cfg, device, progress: load_npz(cfg.path),
+    )
+
+
+def _ns_imagenet() -> Benchmark:
+    def module():
+        # Imported on use: it pulls in torchvision.
+        from data import ns_imagenet
+
+        return ns_imagenet
+
+    return Benchmark(
+        check=lambda cfg: module().check(cfg),
+        input_features=lambda cfg: module().input_features(cfg),
+        build=lambda cfg, device, progress: module().build(cfg, device=device, progress=progress),
+    )
+
+
+BENCHMARKS.register("modes")(_two_d("modes"))
+BENCHMARKS.register("moons")(_two_d("moons"))
+BENCHMARKS.register("features")(_features())
+BENCHMARKS.register("ns_imagenet")(_ns_imagenet())

@@ -1,0 +1,225 @@
+"""Structured-config schemas: the types and allowed values of every option.
+
+Values live in the YAML files under ``conf/``; the dataclasses here only fix types (Enums for closed
+sets, so that a bad override fails at composition with the allowed values) and are registered in
+Hydra's ConfigStore as ``schema/<group>/<option>``, which each option's YAML file lists first in its
+defaults (``- /schema/model/mh@_here_``). Fields without a value here (``MISSING``) must be set by the YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+class Order(Enum):
+    IID = "IID"
+    CI = "CI"
+    CDI = "CDI"
+    CDID = "CDID"
+
+
+class Loss(Enum):
+    xent = "xent"
+    hinge = "hinge"
+
+
+class Distance(Enum):
+    cosine = "cosine"
+    euclidean = "euclidean"
+    dot_scaled = "dot_scaled"
+
+
+class Psi(Enum):
+    identity = "identity"
+    sign = "sign"
+    resize1d = "resize1d"
+    resize2d = "resize2d"
+
+
+class UpdM(Enum):
+    vanilla = "vanilla"
+    WTA = "WTA"
+
+
+class UpdK(Enum):
+    ad_hoc_WTA = "ad_hoc_WTA"
+    grad_WTA = "grad_WTA"
+    grad_not_WTA = "grad_not_WTA"
+
+
+class WandbMode(Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LPConfig:
+    name: str = "lp"
+    bias: bool = MISSING
+
+
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    bias: bool = MISSING
+    hidden: int = MISSING
+
+
+@dataclass
+class MHConfig:
+    name: str = "mh"
+    bias: bool = MISSING
+    # Optional Linear -> Tanh layer below the head; null puts the head directly on the features.
+    hidden: Optional[int] = MISSING
+    key_mem_units: int = MISSING
+    delta: int = MISSING
+    distance: Distance = MISSING
+    sigma_eu: float = MISSING
+    psi: Psi = MISSING
+    key_size: Optional[int] = MISSING
+    upd_m: UpdM = MISSING
+    upd_k: UpdK = MISSING
+    beta_k: Optional[float] = MISSING
+    gamma_alpha: float = MISSING
+    tau_alpha: Optional[float] = MISSING
+    tau_mu: Optional[float] = MISSING
+    tau_eta: Optional[float] = MISSING
+    scramble: bool = MISSING
+    shared_keys: bool = MISSING
+    layer_norm: bool = MISSING
+    random_memories: bool = MISSING
+
+
+# --- benchmark -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ModesConfig:
+    name: str = "modes"
+    order: Order = MISSING
+    n: int = MISSING
+    ratios: list[float] = MISSING
+    centers: list[list[list[float]]] = MISSING
+    stds: list[list[float]] = MISSING
+    seeds: list[list[int]] = MISSING
+    shuffle_seed: int = MISSING
+
+
+@dataclass
+class MoonsConfig:
+    name: str = "moons"
+    order: Order = MISSING
+    n: int = MISSING
+    ratios: list[float] = MISSING
+    offsets: list[list[list[float]]] = MISSING
+    noise: list[list[float]] = MISSING
+    seeds: list[list[int]] = MISSING
+    shuffle_seed: int = MISSING
+
+
+@dataclass
+class FeaturesConfig:
+    name: str = "features"
+    path: str = MISSING
+
+
+# --- optimizer -----------------------------------------------------------------------------------
+
+
+@dataclass
+class AdamConfig:
+    name: str = "adam"
+    lr: float = MISSING
+    weight_decay: float = MISSING
+
+
+@dataclass
+class SGDConfig:
+    name: str = "sgd"
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    momentum: float = MISSING
+
+
+# --- logger --------------------------------------------------------------------------------------
+
+
+@dataclass
+class NoLoggerConfig:
+    name: str = "none"
+
+
+@dataclass
+class WandbConfig:
+    name: str = "wandb"
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    mode: WandbMode = MISSING
+    # Runs of one sweep share a group; null derives it from the overrides minus the seed.
+    group: Optional[str] = MISSING
+    tags: list[str] = MISSING
+
+
+# --- top level -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    chunk_size: int = MISSING
+
+
+@dataclass
+class StreamConfig:
+    batch_size: int = MISSING
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    benchmark: Any = MISSING
+    competitor: Any = MISSING
+    optimizer: Any = MISSING
+    logger: Any = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    loss: Loss = MISSING
+    progress: Optional[bool] = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+
+def _group_schemas() -> dict[str, dict[str, type]]:
+    from competitors import COMPETITORS
+    from data import ns_imagenet
+
+    return {
+        "model": {"lp": LPConfig, "mlp": MLPConfig, "mh": MHConfig},
+        "benchmark": {
+            "modes": ModesConfig,
+            "moons": MoonsConfig,
+            "features": FeaturesConfig,
+            "ns_imagenet": ns_imagenet.Config,
+        },
+        "optimizer": {"adam": AdamConfig, "sgd": SGDConfig},
+        "logger": {"none": NoLoggerConfig, "wandb": WandbConfig},
+        "competitor": {name: COMPETITORS.get(name).Config for name in COMPETITORS},
+    }
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent; call before composing)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, options in _group_schemas().items():
+        for name, schema in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=schema)

@@ -1,0 +1,87 @@
+"""End to end: run(cfg) on tiny streams for every option, and the metrics.json record."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import PAPER_2D, need_shared
+from memhead.runner import run
+from test_config import GROUP_OPTIONS
+
+METRIC_KEYS = {"avg_accuracy", "avg_forgetting", "backward_transfer", "forward_transfer"}
+
+
+def check_record(record, out_dir, num_dists=8, num_val=4):
+    on_disk = json.loads((out_dir / "metrics.json").read_text())
+    assert on_disk["final"] == record["final"]
+    for split in ("train", "val", "test"):
+        assert set(record["final"][split]) == METRIC_KEYS
+        final = record["final"][split]
+        assert 0.0 <= final["avg_accuracy"] <= 1.0 and final["backward_transfer"] >= 0.0
+        assert -1.0 <= final["avg_forgetting"] <= 1.0
+    assert len(record["ccm"]["train"]) == num_dists and len(record["ccm"]["val"]) == num_val
+    assert [b["index"] for b in record["boundaries"]] == list(range(num_dists))
+    assert set(record["timing"]) == {"train_s", "eval_s", "features_s", "total_s", "train_samples_per_s",
+                                     "eval_samples_per_s"}
+    assert record["config"]["model"]["name"] == on_disk["config"]["model"]["name"]
+    # The final test metrics are those of the last row of the test matrix.
+    last = np.array(record["ccm"]["test"][-1], dtype=float)
+    assert record["final"]["test"]["avg_accuracy"] == pytest.approx(last.mean())
+    return on_disk
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[f"{g}={o}"] for g, opts in GROUP_OPTIONS.items() for o in opts if (g, o) not in {
+        ("benchmark", "features"), ("benchmark", "ns_imagenet")}]
+    + [["loss=hinge"], ["stream.batch_size=4"], ["benchmark=moons", "benchmark.order=CDID"],
+       ["model=mh", "model.distance=cosine", "model.shared_keys=false", "model.upd_m=vanilla"],
+       ["model=mh", "model.hidden=5"]],
+    ids=lambda o: " ".join(o),
+)
+def test_every_option_runs_on_a_tiny_stream(overrides, tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_cfg(*overrides, "competitor.buffer_size=8" if "competitor=" in overrides[0]
+                   and not overrides[0].endswith(("none", "ensemble")) else "seed=1")
+    record = run(cfg, tmp_path)
+    check_record(record, tmp_path)
+
+
+@pytest.mark.parametrize("order, dists, val", [("IID", 1, 1), ("CI", 4, 2), ("CDI", 8, 4), ("CDID", 8, 4)])
+def test_orders_give_their_distribution_counts(order, dists, val, tiny_cfg, tmp_path):
+    record = run(tiny_cfg("model=lp", f"benchmark.order={order}"), tmp_path)
+    check_record(record, tmp_path, num_dists=dists, num_val=val)
+
+
+def test_features_benchmark_replays_the_papers_file(tiny_cfg, tmp_path):
+    path = need_shared(PAPER_2D / "bi-modals_CDI.npz")
+    record = run(tiny_cfg("model=lp", "benchmark=features", f"benchmark.path={path}"), tmp_path)
+    check_record(record, tmp_path)
+    with np.load(path) as data:
+        assert sum(len(r) for r in record["ccm"]["test"]) == 8 * len(np.unique(data["distributions_test"]))
+
+
+def test_same_seed_same_result_and_negative_seed_is_recorded(tiny_cfg, tmp_path):
+    a = run(tiny_cfg("seed=7"), tmp_path / "a")
+    b = run(tiny_cfg("seed=7"), tmp_path / "b")
+    assert a["ccm"] == b["ccm"]
+    c = run(tiny_cfg("seed=-1", "model=lp"), tmp_path / "c")
+    assert c["seed"] >= 0 and c["config"]["seed"] == c["seed"]
+
+
+def test_bad_feature_file_is_rejected_with_its_rule(tiny_cfg, tmp_path):
+    from memhead.registry import ConfigError
+
+    arrays = {f"{k}_{s}": np.zeros(4, dtype=np.int64) for k in ("y", "distributions") for s in ("train", "val", "test")}
+    arrays.update({f"X_{s}": np.zeros((4, 2)) for s in ("train", "val", "test")})
+    arrays["distributions_test"] = np.array([0, 1, 1, 2])  # 3 distributions, train has 1
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ConfigError, match="prefix"):
+        run(tiny_cfg("benchmark=features", f"benchmark.path={path}"), tmp_path)
+    arrays["distributions_test"] = np.array([0, 0, 2, 2])  # not contiguous
+    np.savez(path, **arrays)
+    with pytest.raises(ConfigError, match="contiguous"):
+        run(tiny_cfg("benchmark=features", f"benchmark.path={path}"), tmp_path)
