@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from memhead.config import register_configs
+from memhead.config import register_configs, sweep_arguments
 from memhead.registry import ConfigError
 from memhead.runner import run
 
@@ -63,6 +63,18 @@ def main(cfg: DictConfig) -> float:
     return record["final"]["test"]["avg_accuracy"]
 
 
+def expand_plots_alias(argv: list[str]) -> list[str]:
+    """``plots=true|false`` means ``plots.enabled=...`` (Hydra cannot set the ``plots`` node to a bool)."""
+    return [f"plots.enabled={arg.split('=', 1)[1].lower()}"
+            if arg.lower() in ("plots=true", "plots=false") else arg for arg in argv]
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = expand_plots_alias(sys.argv[1:])
     check_group_choices(sys.argv[1:])
+    try:
+        sys.argv[1:] = sweep_arguments(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

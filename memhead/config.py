@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING
@@ -166,6 +167,8 @@ class WandbConfig:
     # Runs of one sweep share a group; null derives it from the overrides minus the seed.
     group: Optional[str] = MISSING
     tags: list[str] = MISSING
+    # wandb.watch: gradient and parameter histograms of the model.
+    watch: bool = MISSING
 
 
 # --- top level -----------------------------------------------------------------------------------
@@ -182,6 +185,18 @@ class StreamConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    enabled: bool = MISSING
+    interval_s: float = MISSING
+
+
+@dataclass
+class PlotsConfig:
+    enabled: bool = MISSING
+    every_boundary: bool = MISSING
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     benchmark: Any = MISSING
@@ -194,6 +209,8 @@ class Config:
     progress: Optional[bool] = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    plots: PlotsConfig = field(default_factory=PlotsConfig)
 
 
 def _group_schemas() -> dict[str, dict[str, type]]:
@@ -223,3 +240,49 @@ def register_configs() -> None:
     for group, options in _group_schemas().items():
         for name, schema in options.items():
             cs.store(group=f"schema/{group}", name=name, node=schema)
+    register_sweeps()
+
+
+SWEEPS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
+
+
+def register_sweeps(sweeps_dir: Path = SWEEPS_DIR) -> list[str]:
+    """Store every ``sweeps/NAME.yaml`` as option ``NAME`` of the ``sweep`` group (global package).
+
+    The files live beside ``conf/`` rather than in it, so a search path would not find them as a
+    group; the ConfigStore makes ``sweep=NAME`` resolve from any working directory, and it travels
+    with the job when the submitit launchers pickle it. Returns the registered names.
+    """
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    names = []
+    for path in sorted(sweeps_dir.glob("*.yaml")):
+        node = OmegaConf.load(path)
+        ConfigStore.instance().store(group="sweep", name=path.stem, node=node, package="_global_")
+        names.append(path.stem)
+    return names
+
+
+def sweep_arguments(argv: list[str]) -> list[str]:
+    """Accept ``+sweep=NAME`` as well as ``sweep=NAME``, and reject unknown sweep names.
+
+    ``conf/config.yaml`` already lists the optional ``sweep`` group, so Hydra takes only the plain
+    form, and it silently skips a name it cannot find (the default run would go ahead).
+
+    Raises:
+        ConfigError: a name that is not a file ``sweeps/NAME.yaml``.
+    """
+    from memhead.registry import ConfigError
+
+    known = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in ("sweep", "+sweep"):
+            for name in value.split(","):
+                if name and name != "null" and name not in known:
+                    raise ConfigError(f"sweep={name!r} is unknown; known: {', '.join(known)}")
+            arg = f"sweep={value}"
+        out.append(arg)
+    return out

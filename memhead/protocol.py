@@ -88,14 +88,52 @@ class Timer:
 
 
 @dataclass
+class ProtocolState:
+    """What the loop has measured so far; with the model and optimizer, enough to resume a run."""
+
+    ccm: dict[str, np.ndarray]
+    boundaries: list[dict] = field(default_factory=list)
+    last: dict[str, dict] = field(default_factory=dict)
+    next_distribution: int = 0
+
+    @classmethod
+    def start(cls, stream: Stream) -> ProtocolState:
+        splits = stream.splits()
+        return cls(
+            ccm={name: np.full((s.num_distributions,) * 2, np.nan) for name, s in splits.items()},
+            last={name: {} for name in splits},
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "ccm": {name: torch.from_numpy(m.copy()) for name, m in self.ccm.items()},
+            "boundaries": self.boundaries,
+            "last": self.last,
+            "next_distribution": self.next_distribution,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> ProtocolState:
+        return cls(
+            ccm={name: m.numpy().astype(np.float64) for name, m in state["ccm"].items()},
+            boundaries=list(state["boundaries"]),
+            last=dict(state["last"]),
+            next_distribution=int(state["next_distribution"]),
+        )
+
+
+@dataclass
 class ProtocolResult:
-    """Continual confusion matrices (NaN where unfilled) and the metrics after every boundary."""
+    """Continual confusion matrices (NaN where unfilled), metrics after every boundary, final model."""
 
     ccm: dict[str, np.ndarray]
     boundaries: list[dict]
     final: dict[str, dict]
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+
+
+BoundaryCallback = Callable[[int, dict, torch.nn.Module, torch.optim.Optimizer, ProtocolState], None]
 
 
 def run_protocol(
@@ -109,24 +147,28 @@ def run_protocol(
     chunk_size: int = 1000,
     progress: bool = False,
     timer: Timer | None = None,
-    on_boundary: Callable[[int, dict], None] | None = None,
+    state: ProtocolState | None = None,
+    on_boundary: BoundaryCallback | None = None,
 ) -> ProtocolResult:
     """Train once over ``stream.train`` and fill the continual confusion matrices.
 
-    Batches never cross a distribution boundary. ``on_boundary(i, metrics_by_split)`` is called after
-    the evaluation of each boundary (loggers use it).
+    Batches never cross a distribution boundary. A ``state`` from an earlier, interrupted call resumes
+    at its ``next_distribution`` (the model, optimizer and competitor must hold the matching states).
+    ``on_boundary(i, metrics_by_split, model, optimizer, state)`` runs after each boundary's evaluation
+    (checkpoints and trackers use it).
     """
     timer = timer or Timer(stream.train.x.device)
+    state = state or ProtocolState.start(stream)
     splits = stream.splits()
-    ccm = {name: np.full((s.num_distributions, s.num_distributions), np.nan) for name, s in splits.items()}
-    last: dict[str, dict] = {name: {} for name in splits}
-    boundaries: list[dict] = []
     train = stream.train
+    ends = distribution_ends(train.dist)
     model.train()
 
-    bar = tqdm(total=len(train), desc="stream", unit="sample", disable=not progress, leave=False, dynamic_ncols=True)
-    start = 0
-    for i, end in enumerate(distribution_ends(train.dist)):
+    start = ends[state.next_distribution - 1] if state.next_distribution > 0 else 0
+    bar = tqdm(total=len(train), initial=start, desc="stream", unit="sample", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for i in range(state.next_distribution, len(ends)):
+        end = ends[i]
         with timer.measure("train_s", end - start):
             for lo in range(start, end, batch_size):
                 hi = min(lo + batch_size, end)
@@ -148,15 +190,17 @@ def run_protocol(
         for name, split in splits.items():
             if i < split.num_distributions:
                 with timer.measure("eval_s", len(split)):
-                    ccm[name][i] = accuracy_per_distribution(model, split, chunk_size)
-                last[name] = {"boundary": i, **metrics.all_metrics(ccm[name], i)}
-            row[name] = last[name]
-        boundaries.append({"index": i, **row})
-        _print_boundary(i, train.num_distributions, row, ccm)
+                    state.ccm[name][i] = accuracy_per_distribution(model, split, chunk_size)
+                state.last[name] = {"boundary": i, **metrics.all_metrics(state.ccm[name], i)}
+            row[name] = state.last[name]
+        state.boundaries.append({"index": i, **row})
+        state.next_distribution = i + 1
+        _print_boundary(i, train.num_distributions, row, state.ccm)
         if on_boundary is not None:
-            on_boundary(i, row)
+            on_boundary(i, row, model, optimizer, state)
     bar.close()
-    return ProtocolResult(ccm=ccm, boundaries=boundaries, final=last, model=model, optimizer=optimizer)
+    return ProtocolResult(ccm=state.ccm, boundaries=state.boundaries, final=state.last, model=model,
+                          optimizer=optimizer)
 
 
 # Few enough distributions to print the matrices after each boundary (the paper omits them on 300).

@@ -106,7 +106,7 @@ def test_unfilled_rows_are_nan_until_their_boundary():
     boundaries_seen = []
     model = sign_model()
 
-    def on_boundary(i, row):
+    def on_boundary(i, row, *_):
         boundaries_seen.append((i, row["val"]["boundary"]))
 
     result = run_protocol(model, torch.optim.SGD(model.parameters(), lr=0.0),
