@@ -10,12 +10,11 @@ Examples::
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from memhead.config import register_configs, sweep_arguments
+from memhead.config import prepare_arguments, register_configs
 from memhead.registry import ConfigError
 from memhead.runner import run
 
@@ -24,29 +23,14 @@ register_configs()
 __all__ = ["main", "run"]
 
 
-CONF = Path(__file__).resolve().parent / "conf"
+# Overrides that do not change what a run computes, left out of its tracking group.
+NOT_IN_GROUP = ("seed", "progress", "plots", "logger", "checkpoint", "device")
 
 
-def check_group_choices(argv: list[str]) -> None:
-    """Reject ``group=unknown`` in one line (Hydra's own message lists search paths and schemas)."""
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if not sep or key == "hydra" or "." in key or "/" in key or "(" in value or not (CONF / key).is_dir():
-            continue
-        for option in value.split(","):
-            if option and option != "null" and not (CONF / key / f"{option}.yaml").is_file():
-                known = ", ".join(sorted(p.stem for p in (CONF / key).glob("*.yaml")))
-                print(f"error: {key}={option!r} is unknown; known: {known}", file=sys.stderr)
-                sys.exit(2)
-
-
-def _sweep_group() -> str | None:
-    """Runs of one sweep that differ only by seed share a tracking group."""
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.split("=", 1)[0].lstrip("+~") == "seed"]
-    return ",".join(sorted(overrides)) or None
+def sweep_group(overrides: list[str]) -> str | None:
+    """Runs of one sweep that differ only by seed (or by how they report) share a tracking group."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] not in NOT_IN_GROUP]
+    return ",".join(sorted(kept)) or None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -54,7 +38,8 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        record = run(cfg, HydraConfig.get().runtime.output_dir, group=_sweep_group())
+        hydra_cfg = HydraConfig.get()
+        record = run(cfg, hydra_cfg.runtime.output_dir, group=sweep_group(list(hydra_cfg.overrides.task)))
     except ConfigError as err:
         # A bad option is the user's to fix: one line, no traceback.
         print(f"error: {err}", file=sys.stderr)
@@ -63,17 +48,9 @@ def main(cfg: DictConfig) -> float:
     return record["final"]["test"]["avg_accuracy"]
 
 
-def expand_plots_alias(argv: list[str]) -> list[str]:
-    """``plots=true|false`` means ``plots.enabled=...`` (Hydra cannot set the ``plots`` node to a bool)."""
-    return [f"plots.enabled={arg.split('=', 1)[1].lower()}"
-            if arg.lower() in ("plots=true", "plots=false") else arg for arg in argv]
-
-
 if __name__ == "__main__":
-    sys.argv[1:] = expand_plots_alias(sys.argv[1:])
-    check_group_choices(sys.argv[1:])
     try:
-        sys.argv[1:] = sweep_arguments(sys.argv[1:])
+        sys.argv[1:] = prepare_arguments(sys.argv[1:])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

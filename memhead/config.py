@@ -207,6 +207,7 @@ class Config:
     device: str = MISSING
     loss: Loss = MISSING
     progress: Optional[bool] = MISSING
+    threads: Optional[int] = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -264,25 +265,41 @@ def register_sweeps(sweeps_dir: Path = SWEEPS_DIR) -> list[str]:
     return names
 
 
-def sweep_arguments(argv: list[str]) -> list[str]:
-    """Accept ``+sweep=NAME`` as well as ``sweep=NAME``, and reject unknown sweep names.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
-    ``conf/config.yaml`` already lists the optional ``sweep`` group, so Hydra takes only the plain
-    form, and it silently skips a name it cannot find (the default run would go ahead).
+
+def _options(group: str) -> list[str]:
+    folder = SWEEPS_DIR if group == "sweep" else CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def prepare_arguments(argv: list[str]) -> list[str]:
+    """Normalise command-line overrides before Hydra sees them, and reject unknown group options.
+
+    * ``plots=true|false`` means ``plots.enabled=...`` (Hydra cannot set the ``plots`` node to a bool);
+    * ``+sweep=NAME`` means ``sweep=NAME`` (``conf/config.yaml`` already lists the optional group);
+    * ``group=unknown`` fails in one line: Hydra's own message lists search paths, and it silently
+      skips an unknown name of an optional group such as ``sweep``.
 
     Raises:
-        ConfigError: a name that is not a file ``sweeps/NAME.yaml``.
+        ConfigError: an option that is not a file of its group (``conf/<group>/`` or ``sweeps/``).
     """
     from memhead.registry import ConfigError
 
-    known = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key in ("sweep", "+sweep"):
-            for name in value.split(","):
-                if name and name != "null" and name not in known:
-                    raise ConfigError(f"sweep={name!r} is unknown; known: {', '.join(known)}")
+        if sep and key == "plots" and value.lower() in ("true", "false"):
+            arg = f"plots.enabled={value.lower()}"
+        elif sep and key == "+sweep":
             arg = f"sweep={value}"
+        group = key.lstrip("+~")
+        is_group = group == "sweep" or (group != "hydra" and "." not in group and "/" not in group
+                                        and (CONF_DIR / group).is_dir())
+        if sep and is_group and "(" not in value:  # sweeper functions such as choice(...) are Hydra's
+            known = _options(group)
+            for option in value.split(","):
+                if option and option != "null" and option not in known:
+                    raise ConfigError(f"{group}={option!r} is unknown; known: {', '.join(known)}")
         out.append(arg)
     return out

@@ -63,6 +63,8 @@ def check_config(cfg: DictConfig) -> int:
     from memhead.models import MODELS, check_model
 
     resolve_device(cfg.device)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be >= 1 or null (got {cfg.threads})")
     if cfg.eval.chunk_size < 1:
         raise ConfigError(f"eval.chunk_size must be >= 1 (got {cfg.eval.chunk_size})")
     if cfg.stream.batch_size < 1:
@@ -173,6 +175,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
         checkpoint.check_same_run(out_dir, saved["config"], config)
 
     device = resolve_device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     generator = seed_everything(seed)
     progress = default_progress() if cfg.progress is None else bool(cfg.progress)
 

@@ -71,3 +71,12 @@ def test_bad_input_fails_with_one_clear_line(args, expected, tmp_path):
     for word in expected:
         assert word in out, (word, out)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_sweep_group_ignores_seed_and_reporting_options():
+    from run import sweep_group
+
+    assert sweep_group(["seed=3", "model=mlp", "plots.enabled=true", "logger=wandb", "benchmark.order=CI"]) == (
+        "benchmark.order=CI,model=mlp"
+    )
+    assert sweep_group(["seed=1"]) is None
