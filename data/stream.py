@@ -56,7 +56,9 @@ def validate_arrays(arrays: dict[str, np.ndarray], source: str = "stream") -> No
     for split in SPLITS:
         for key in (f"X_{split}", f"y_{split}", f"distributions_{split}"):
             if key not in arrays:
-                raise ConfigError(f"{source}: missing array {key!r} (needs X_*, y_*, distributions_* for {SPLITS})")
+                raise ConfigError(
+                    f"{source}: missing array {key!r} (needs X_*, y_*, distributions_* for {SPLITS})"
+                )
         n = len(arrays[f"X_{split}"])
         for key in (f"y_{split}", f"distributions_{split}", f"domain_{split}"):
             if key in arrays and np.shape(arrays[key]) != (n,):
@@ -64,11 +66,15 @@ def validate_arrays(arrays: dict[str, np.ndarray], source: str = "stream") -> No
         if n == 0:
             raise ConfigError(f"{source}: split {split!r} is empty")
         dist = np.asarray(arrays[f"distributions_{split}"])
-        if not np.issubdtype(dist.dtype, np.integer) or dist[0] != 0 or np.any(np.diff(dist) < 0) or np.any(
-            np.diff(dist) > 1
+        if (
+            not np.issubdtype(dist.dtype, np.integer)
+            or dist[0] != 0
+            or np.any(np.diff(dist) < 0)
+            or np.any(np.diff(dist) > 1)
         ):
             raise ConfigError(
-                f"{source}: distributions_{split} must be integers starting at 0, contiguous and non-decreasing"
+                f"{source}: distributions_{split} must be integers starting at 0, "
+                "contiguous and non-decreasing"
             )
         y = np.asarray(arrays[f"y_{split}"])
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
@@ -124,7 +130,9 @@ def npz_feature_count(path: str | Path, option: str = "benchmark.path") -> int:
         with zipfile.ZipFile(path) as zf, zf.open("X_train.npy") as fh:
             version = np.lib.format.read_magic(fh)
             read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
             )
             shape = read_header(fh)[0]
     except KeyError:

@@ -215,8 +215,11 @@ def generate_modes(
         per_domain = (size // 2, size - size // 2)
         for domain, count in enumerate(per_domain):
             blob, _ = make_blobs(
-                n_samples=count, n_features=2, centers=[center_array[domain, label]],
-                cluster_std=float(std_array[domain, label]), shuffle=False,
+                n_samples=count,
+                n_features=2,
+                centers=[center_array[domain, label]],
+                cluster_std=float(std_array[domain, label]),
+                shuffle=False,
                 random_state=seed_table[domain][label],
             )
             points.append(blob)
@@ -275,7 +278,9 @@ def generate_moons(
         per_domain = ((first // 2, second // 2), (first - first // 2, second - second // 2))
         for domain, counts in enumerate(per_domain):
             moons, moon_index = make_moons(
-                n_samples=counts, noise=float(noise_array[domain, pair]), shuffle=False,
+                n_samples=counts,
+                noise=float(noise_array[domain, pair]),
+                shuffle=False,
                 random_state=seed_table[domain][pair],
             )
             points.append(moons + offset_array[domain, pair])

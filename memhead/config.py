@@ -3,7 +3,8 @@
 Values live in the YAML files under ``conf/``; the dataclasses here only fix types (Enums for closed
 sets, so that a bad override fails at composition with the allowed values) and are registered in
 Hydra's ConfigStore as ``schema/<group>/<option>``, which each option's YAML file lists first in its
-defaults (``- /schema/model/mh@_here_``). Fields without a value here (``MISSING``) must be set by the YAML file.
+defaults (``- /schema/model/mh@_here_``). Fields without a value here (``MISSING``) must be set by the
+YAML file.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -79,20 +80,20 @@ class MHConfig:
     name: str = "mh"
     bias: bool = MISSING
     # Optional Linear -> Tanh layer below the head; null puts the head directly on the features.
-    hidden: Optional[int] = MISSING
+    hidden: int | None = MISSING
     key_mem_units: int = MISSING
     delta: int = MISSING
     distance: Distance = MISSING
     sigma_eu: float = MISSING
     psi: Psi = MISSING
-    key_size: Optional[int] = MISSING
+    key_size: int | None = MISSING
     upd_m: UpdM = MISSING
     upd_k: UpdK = MISSING
-    beta_k: Optional[float] = MISSING
+    beta_k: float | None = MISSING
     gamma_alpha: float = MISSING
-    tau_alpha: Optional[float] = MISSING
-    tau_mu: Optional[float] = MISSING
-    tau_eta: Optional[float] = MISSING
+    tau_alpha: float | None = MISSING
+    tau_mu: float | None = MISSING
+    tau_eta: float | None = MISSING
     scramble: bool = MISSING
     shared_keys: bool = MISSING
     layer_norm: bool = MISSING
@@ -162,10 +163,10 @@ class NoLoggerConfig:
 class WandbConfig:
     name: str = "wandb"
     project: str = MISSING
-    entity: Optional[str] = MISSING
+    entity: str | None = MISSING
     mode: WandbMode = MISSING
     # Runs of one sweep share a group; null derives it from the overrides minus the seed.
-    group: Optional[str] = MISSING
+    group: str | None = MISSING
     tags: list[str] = MISSING
     # wandb.watch: gradient and parameter histograms of the model.
     watch: bool = MISSING
@@ -206,8 +207,8 @@ class Config:
     seed: int = MISSING
     device: str = MISSING
     loss: Loss = MISSING
-    progress: Optional[bool] = MISSING
-    threads: Optional[int] = MISSING
+    progress: bool | None = MISSING
+    threads: int | None = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -294,8 +295,9 @@ def prepare_arguments(argv: list[str]) -> list[str]:
         elif sep and key == "+sweep":
             arg = f"sweep={value}"
         group = key.lstrip("+~")
-        is_group = group == "sweep" or (group != "hydra" and "." not in group and "/" not in group
-                                        and (CONF_DIR / group).is_dir())
+        is_group = group == "sweep" or (
+            group != "hydra" and "." not in group and "/" not in group and (CONF_DIR / group).is_dir()
+        )
         if sep and is_group and "(" not in value:  # sweeper functions such as choice(...) are Hydra's
             known = _options(group)
             for option in value.split(","):

@@ -111,8 +111,12 @@ class WandbLogger(NullLogger):
         self, index: int, row: dict, *, model: nn.Module | None = None, images: Sequence[Path] = ()
     ) -> None:
         def put():
-            values = {f"{split}/{key}": value for split, metrics in row.items()
-                      for key, value in metrics.items() if key != "boundary"}
+            values = {
+                f"{split}/{key}": value
+                for split, metrics in row.items()
+                for key, value in metrics.items()
+                if key != "boundary"
+            }
             if model is not None:
                 values.update(scramble_metrics(model))
             values.update(self._images(images))

@@ -5,7 +5,7 @@ Every model maps flattened features ``(b, in_features)`` to logits ``(b, num_cla
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -20,9 +20,7 @@ _NOT_HEAD_OPTIONS = ("name", "bias", "hidden")
 
 def head_options(cfg) -> dict:
     """The MemoryHead keyword arguments of a ``model=mh`` config (Enums passed by name)."""
-    return {
-        key: getattr(value, "name", value) for key, value in cfg.items() if key not in _NOT_HEAD_OPTIONS
-    }
+    return {key: getattr(value, "name", value) for key, value in cfg.items() if key not in _NOT_HEAD_OPTIONS}
 
 
 def check_model(cfg, in_features: int) -> None:
@@ -54,7 +52,9 @@ def build_mlp(cfg, in_features: int, num_classes: int) -> nn.Module:
 def build_mh(cfg, in_features: int, num_classes: int) -> nn.Module:
     from memhead.layer import MemoryHead
 
-    head = MemoryHead(in_features if cfg.hidden is None else cfg.hidden, num_classes, bias=cfg.bias, **head_options(cfg))
+    head = MemoryHead(
+        in_features if cfg.hidden is None else cfg.hidden, num_classes, bias=cfg.bias, **head_options(cfg)
+    )
     if cfg.hidden is None:
         return head
     return nn.Sequential(nn.Linear(in_features, cfg.hidden, bias=cfg.bias), nn.Tanh(), head)

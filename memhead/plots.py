@@ -265,37 +265,84 @@ def decision_surface(
 
     figure = _new_figure(7.2, 6.6)
     axis = figure.add_subplot()
-    axis.imshow(predicted, origin="lower", extent=(x0, x1, y0, y1), cmap=ListedColormap(tints), norm=norm,
-                interpolation="nearest", aspect="equal")
+    axis.imshow(
+        predicted,
+        origin="lower",
+        extent=(x0, x1, y0, y1),
+        cmap=ListedColormap(tints),
+        norm=norm,
+        interpolation="nearest",
+        aspect="equal",
+    )
     handles = []
     if len(unseen):
         axis.scatter(unseen[:, 0], unseen[:, 1], s=3, color=UNSEEN_POINT_COLOUR, linewidths=0)
-        handles.append(Line2D([], [], ls="", marker="o", ms=3, color=UNSEEN_POINT_COLOUR,
-                              label="not seen yet"))
+        handles.append(
+            Line2D([], [], ls="", marker="o", ms=3, color=UNSEEN_POINT_COLOUR, label="not seen yet")
+        )
     shown, shown_labels = _thin(points, labels)
     axis.scatter(shown[:, 0], shown[:, 1], s=9, c=colours[shown_labels], edgecolors="white", linewidths=0.3)
-    handles.append(Line2D([], [], ls="", marker="o", ms=4, color="#555555",
-                          label="seen so far" if len(unseen) else "training points"))
+    handles.append(
+        Line2D(
+            [],
+            [],
+            ls="",
+            marker="o",
+            ms=4,
+            color="#555555",
+            label="seen so far" if len(unseen) else "training points",
+        )
+    )
 
     per_neuron = any(k.shape[0] > 1 for k in initial + final)
     for keys in initial:
         for k, key_set in enumerate(keys):
             edge = colours[k % num_classes] if keys.shape[0] > 1 else INITIAL_KEY_COLOUR
-            axis.scatter(key_set[:, 0], key_set[:, 1], s=55, facecolors="none", edgecolors=[edge],
-                         linewidths=1.4)
+            axis.scatter(
+                key_set[:, 0], key_set[:, 1], s=55, facecolors="none", edgecolors=[edge], linewidths=1.4
+            )
     for keys in final:
         for k, key_set in enumerate(keys):
             fill = colours[k % num_classes] if keys.shape[0] > 1 else FINAL_KEY_COLOUR
-            axis.scatter(key_set[:, 0], key_set[:, 1], s=190, marker="*", color=[fill], edgecolors="black",
-                         linewidths=0.8, zorder=4)
+            axis.scatter(
+                key_set[:, 0],
+                key_set[:, 1],
+                s=190,
+                marker="*",
+                color=[fill],
+                edgecolors="black",
+                linewidths=0.8,
+                zorder=4,
+            )
     # Per-neuron keys take their class colour: the legend then shows the marker shapes only.
     if initial:
-        handles.append(Line2D([], [], ls="", marker="o", ms=7, mfc="none", mew=1.4, label="initial keys",
-                              mec="#777777" if per_neuron else INITIAL_KEY_COLOUR))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker="o",
+                ms=7,
+                mfc="none",
+                mew=1.4,
+                label="initial keys",
+                mec="#777777" if per_neuron else INITIAL_KEY_COLOUR,
+            )
+        )
     if final:
-        handles.append(Line2D([], [], ls="", marker="*", ms=13, mec="black", mew=0.8,
-                              mfc="white" if per_neuron else FINAL_KEY_COLOUR,
-                              label="current keys" if x_unseen is not None and len(unseen) else "final keys"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker="*",
+                ms=13,
+                mec="black",
+                mew=0.8,
+                mfc="white" if per_neuron else FINAL_KEY_COLOUR,
+                label="current keys" if x_unseen is not None and len(unseen) else "final keys",
+            )
+        )
 
     axis.set_xlim(x0, x1)
     axis.set_ylim(y0, y1)
@@ -303,8 +350,16 @@ def decision_surface(
     axis.set_ylabel("x[1]")
     figure.suptitle(title or "decision surface")
     legend_title = "key colour: the neuron's class" if per_neuron else None
-    axis.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(handles),
-                fontsize=8, title=legend_title, title_fontsize=8, frameon=False)
+    axis.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.1),
+        ncol=len(handles),
+        fontsize=8,
+        title=legend_title,
+        title_fontsize=8,
+        frameon=False,
+    )
 
     from matplotlib.cm import ScalarMappable
 
@@ -354,14 +409,28 @@ def confusion_matrices(
         n = len(matrix)
         # 1-based, as the console's "boundary i/N".
         extent = (0.5, matrix.shape[1] + 0.5, n + 0.5, 0.5)
-        image = axis.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0, extent=extent,
-                            interpolation="nearest", aspect="equal")
+        image = axis.imshow(
+            np.ma.masked_invalid(matrix),
+            cmap=cmap,
+            vmin=0.0,
+            vmax=1.0,
+            extent=extent,
+            interpolation="nearest",
+            aspect="equal",
+        )
         if max(matrix.shape) <= MAX_ANNOTATED:
             size = 8 if max(matrix.shape) <= 8 else 6 if max(matrix.shape) <= 12 else 4.5
             for (i, j), value in np.ndenumerate(matrix):
                 if np.isfinite(value):
-                    axis.text(j + 1, i + 1, f"{value:.2f}", ha="center", va="center", fontsize=size,
-                              color="black" if value > 0.55 else "white")
+                    axis.text(
+                        j + 1,
+                        i + 1,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=size,
+                        color="black" if value > 0.55 else "white",
+                    )
         for ticks in (axis.xaxis, axis.yaxis):
             ticks.set_major_locator(MaxNLocator(nbins=min(n, 10), integer=True))
         axis.set_title(f"{split} ({n} distributions)")
@@ -401,8 +470,15 @@ def metric_curves(boundaries: list[dict], path: str | Path, *, title: str = "") 
             if not measured:
                 continue
             xs, values = zip(*measured)
-            axis.plot(xs, values, marker="o" if markers else None, ms=4, lw=1.6, color=SPLIT_COLOURS[split],
-                      label=split)
+            axis.plot(
+                xs,
+                values,
+                marker="o" if markers else None,
+                ms=4,
+                lw=1.6,
+                color=SPLIT_COLOURS[split],
+                label=split,
+            )
         axis.set_title(METRIC_TITLES[metric])
         axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -412,6 +488,52 @@ def metric_curves(boundaries: list[dict], path: str | Path, *, title: str = "") 
         axis.set_xlabel("after distribution")
     axes[0].legend(fontsize=9)
     figure.suptitle(title or "metrics after each distribution")
+    return _save(figure, path)
+
+
+def sweep_curves(
+    series: dict[str, list[list[dict]]],
+    path: str | Path,
+    *,
+    split: str = "test",
+    metric: str = "avg_accuracy",
+    title: str = "",
+) -> Path:
+    """Mean ± standard deviation over seeds of one metric after each boundary, a line per configuration.
+
+    Args:
+        series: configuration label -> the ``boundaries`` of each of its runs (one list per seed).
+        path: where the PNG goes.
+        split: the split whose metric is drawn.
+        metric: one of ``memhead.metrics.METRICS``.
+        title: the figure title.
+
+    Returns:
+        ``path``.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _new_figure(9.0, 5.5)
+    axis = figure.subplots()
+    palette = class_colours(max(len(series), 1))
+    for colour, (label, runs) in zip(palette, series.items()):
+        length = min(len(boundaries) for boundaries in runs)
+        values = np.array(
+            [[b[split][metric] for b in boundaries[:length]] for boundaries in runs], dtype=float
+        )
+        xs = np.arange(1, length + 1)
+        mean = values.mean(axis=0)
+        std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
+        axis.plot(xs, mean, lw=1.6, color=colour, label=f"{label} (n={len(runs)})")
+        axis.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+    axis.set_xlabel("after distribution")
+    axis.set_ylabel(f"{split} {METRIC_TITLES[metric]}")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(alpha=0.3)
+    if metric == "avg_accuracy":
+        axis.set_ylim(-0.02, 1.02)
+    axis.legend(fontsize=8, loc="best")
+    figure.suptitle(title or f"{split} {METRIC_TITLES[metric]}: mean ± std over seeds")
     return _save(figure, path)
 
 
@@ -474,8 +596,14 @@ def save_boundary_plot(
     initial, final = _keys_to_draw(model, stream, initial_keys)
     title = f"{_describe_model(model)} after distribution {index + 1}/{stream.num_distributions}"
     return decision_surface(
-        model, train.x[seen], train.y[seen], keys_initial=initial, keys_final=final, title=title,
-        path=_plots_dir(out_dir) / f"surface_boundary_{index:03d}.png", x_unseen=train.x[~seen],
+        model,
+        train.x[seen],
+        train.y[seen],
+        keys_initial=initial,
+        keys_final=final,
+        title=title,
+        path=_plots_dir(out_dir) / f"surface_boundary_{index:03d}.png",
+        x_unseen=train.x[~seen],
     )
 
 
@@ -514,10 +642,17 @@ def save_run_plots(
         accuracy = record.get("final", {}).get("test", {}).get("avg_accuracy")
         suffix = f" (test avg. accuracy {accuracy:.3f})" if accuracy is not None else ""
         surface_title = f"{title}: after all {stream.num_distributions} distributions{suffix}"
-        paths.append(decision_surface(
-            model, stream.train.x, stream.train.y, keys_initial=initial, keys_final=final,
-            title=surface_title, path=folder / "surface.png",
-        ))
+        paths.append(
+            decision_surface(
+                model,
+                stream.train.x,
+                stream.train.y,
+                keys_initial=initial,
+                keys_final=final,
+                title=surface_title,
+                path=folder / "surface.png",
+            )
+        )
     matrices_title = f"{title}: continual confusion matrices"
     paths.append(confusion_matrices(record["ccm"], folder / "ccm.png", title=matrices_title))
     paths.append(metric_curves(record["boundaries"], folder / "curves.png", title=title))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -165,8 +165,15 @@ def run_protocol(
     model.train()
 
     start = ends[state.next_distribution - 1] if state.next_distribution > 0 else 0
-    bar = tqdm(total=len(train), initial=start, desc="stream", unit="sample", disable=not progress, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(train),
+        initial=start,
+        desc="stream",
+        unit="sample",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
     for i in range(state.next_distribution, len(ends)):
         end = ends[i]
         with timer.measure("train_s", end - start):
@@ -199,8 +206,9 @@ def run_protocol(
         if on_boundary is not None:
             on_boundary(i, row, model, optimizer, state)
     bar.close()
-    return ProtocolResult(ccm=state.ccm, boundaries=state.boundaries, final=state.last, model=model,
-                          optimizer=optimizer)
+    return ProtocolResult(
+        ccm=state.ccm, boundaries=state.boundaries, final=state.last, model=model, optimizer=optimizer
+    )
 
 
 # Few enough distributions to print the matrices after each boundary (the paper omits them on 300).
@@ -219,8 +227,12 @@ def _print_boundary(i: int, total: int, row: dict, ccm: dict[str, np.ndarray]) -
     log.info("boundary %d/%d", i + 1, total)
     for name, values in row.items():
         if values:
-            log.info("  %-5s %s%s", name, format_metrics(values), "" if values["boundary"] == i else
-                     f" (kept from boundary {values['boundary'] + 1})")
+            log.info(
+                "  %-5s %s%s",
+                name,
+                format_metrics(values),
+                "" if values["boundary"] == i else f" (kept from boundary {values['boundary'] + 1})",
+            )
     if total <= MAX_PRINTED_MATRIX:
         for name, matrix in ccm.items():
             if i < len(matrix):

@@ -273,8 +273,11 @@ def group_runs(runs: Iterable[Run]) -> list[Configuration]:
         for override in configuration.overrides:
             counts[override] = counts.get(override, 0) + 1
     for configuration in configurations:
-        shown = [o for o in configuration.overrides
-                 if counts[o] < len(configurations) and override_key(o) not in METHOD_KEYS]
+        shown = [
+            o
+            for o in configuration.overrides
+            if counts[o] < len(configurations) and override_key(o) not in METHOD_KEYS
+        ]
         configuration.label = " ".join(shown) or "(nothing varied)"
     return sorted(configurations, key=lambda c: (c.method, c.label))
 
@@ -356,12 +359,24 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 def to_markdown(report: Report) -> str:
     split, metric = report.select_split, report.select_metric
     selection = f"{split} {metric}"
-    header = ["benchmark", "model", "competitor", "configuration", "seeds", selection,
-              *(f"test {m}" for m in METRICS)]
+    header = [
+        "benchmark",
+        "model",
+        "competitor",
+        "configuration",
+        "seeds",
+        selection,
+        *(f"test {m}" for m in METRICS),
+    ]
 
     def row(c: Configuration) -> list[str]:
-        return [*c.method, c.label, str(len(c.runs)), _fmt(*c.mean_std(split, metric)),
-                *(_fmt(*c.mean_std("test", m)) for m in METRICS)]
+        return [
+            *c.method,
+            c.label,
+            str(len(c.runs)),
+            _fmt(*c.mean_std(split, metric)),
+            *(_fmt(*c.mean_std("test", m)) for m in METRICS),
+        ]
 
     n_runs = sum(len(c.runs) for c in report.configurations)
     lines = [
@@ -382,9 +397,13 @@ def to_markdown(report: Report) -> str:
     ]
     if report.without_metrics:
         lines += ["", f"## Runs without metrics ({len(report.without_metrics)})", ""]
-        lines += _table(["run", "overrides", "status"],
-                        ([_relative(r.path, report.root), " ".join(r.overrides), r.problem or ""]
-                         for r in report.without_metrics))
+        lines += _table(
+            ["run", "overrides", "status"],
+            (
+                [_relative(r.path, report.root), " ".join(r.overrides), r.problem or ""]
+                for r in report.without_metrics
+            ),
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -393,16 +412,37 @@ def write_csv(report: Report, path: Path) -> None:
     stats = [(s, m) for s in SPLITS for m in METRICS]
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["benchmark", "model", "competitor", "configuration", "overrides", "n_seeds",
-                         "seeds", "selected", "runs",
-                         *(f"{s}.{m}.{k}" for s, m in stats for k in ("mean", "std"))])
+        writer.writerow(
+            [
+                "benchmark",
+                "model",
+                "competitor",
+                "configuration",
+                "overrides",
+                "n_seeds",
+                "seeds",
+                "selected",
+                "runs",
+                *(f"{s}.{m}.{k}" for s, m in stats for k in ("mean", "std")),
+            ]
+        )
         for c in report.configurations:
             values = []
             for s, m in stats:
                 values += ["" if math.isnan(v) else repr(v) for v in c.mean_std(s, m)]
             run_dirs = " ".join(_relative(r.path, report.root) for r in c.runs)
-            writer.writerow([*c.method, c.label, " ".join(c.overrides), len(c.runs), _seeds(c),
-                             int(c.selected), run_dirs, *values])
+            writer.writerow(
+                [
+                    *c.method,
+                    c.label,
+                    " ".join(c.overrides),
+                    len(c.runs),
+                    _seeds(c),
+                    int(c.selected),
+                    run_dirs,
+                    *values,
+                ]
+            )
 
 
 def write_report(report: Report, out_dir: str | Path) -> tuple[Path, Path]:
@@ -413,6 +453,23 @@ def write_report(report: Report, out_dir: str | Path) -> tuple[Path, Path]:
     write_csv(report, csv_path)
     md_path.write_text(to_markdown(report))
     return csv_path, md_path
+
+
+def write_curves(
+    report: Report, path: Path, metric: str = "avg_accuracy", *, only_selected: bool = True
+) -> Path:
+    """Draw the test ``metric`` after each boundary (mean ± std over seeds) of the report's configurations."""
+    from memhead.plots import sweep_curves
+
+    chosen = report.selected if only_selected else report.configurations
+    series = {
+        " ".join(filter(None, ("/".join(c.method), c.label))): [run.record["boundaries"] for run in c.runs]
+        for c in chosen
+        if c.runs
+    }
+    if not series:
+        raise ReportError("no configuration with metrics to draw")
+    return sweep_curves(series, path, split="test", metric=metric)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -428,13 +485,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="python -m memhead.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="a sweep directory (hydra.sweep.dir), or any folder of runs")
     parser.add_argument("--select", default="val", choices=SPLITS, help="split of the model selection")
-    parser.add_argument("--metric", default="avg_accuracy", choices=METRICS,
-                        help="metric of the model selection (avg_forgetting: lowest is best)")
+    parser.add_argument(
+        "--metric",
+        default="avg_accuracy",
+        choices=METRICS,
+        help="metric of the model selection (avg_forgetting: lowest is best)",
+    )
     parser.add_argument("--out", default=None, help="where report.csv and report.md go (default: SWEEP_DIR)")
+    parser.add_argument(
+        "--curves",
+        choices=("selected", "all"),
+        default=None,
+        help="also draw curves.png: test --metric after each boundary, mean ± std over seeds, "
+        "for the selected configurations or all of them",
+    )
     args = parser.parse_args(argv)
     try:
         report = build_report(args.sweep_dir, args.select, args.metric)
         csv_path, md_path = write_report(report, args.out or args.sweep_dir)
+        if args.curves:
+            curves = write_curves(
+                report,
+                Path(args.out or args.sweep_dir) / "curves.png",
+                args.metric,
+                only_selected=args.curves == "selected",
+            )
+            print(f"wrote {curves}", file=sys.stderr)
     except (ReportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,9 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+            raise ConfigError(
+                f"device={name!r} but CUDA is not available here; use device=cpu or device=auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
@@ -187,16 +189,26 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
     features_s = time.perf_counter() - t0
     log.info(
         "benchmark %s: %d/%d/%d train/val/test samples, %d distributions, %d classes, %d features (%.2fs)",
-        cfg.benchmark.name, len(stream.train), len(stream.val), len(stream.test), stream.num_distributions,
-        stream.num_classes, stream.in_features, features_s,
+        cfg.benchmark.name,
+        len(stream.train),
+        len(stream.val),
+        len(stream.test),
+        stream.num_distributions,
+        stream.num_classes,
+        stream.in_features,
+        features_s,
     )
 
     loss_fn = LOSSES[cfg.loss.name]
     make_optimizer = make_optimizer_factory(cfg.optimizer)
     model = MODELS.get(cfg.model.name)(cfg.model, stream.in_features, stream.num_classes).to(device)
     competitor = build_competitor(
-        cfg.competitor, loss_fn=loss_fn, make_optimizer=make_optimizer, num_classes=stream.num_classes,
-        device=device, generator=generator,
+        cfg.competitor,
+        loss_fn=loss_fn,
+        make_optimizer=make_optimizer,
+        num_classes=stream.num_classes,
+        device=device,
+        generator=generator,
     )
     model = competitor.wrap(model).to(device)
     optimizer = make_optimizer(model)
@@ -214,7 +226,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
         timer.samples.update(saved["timer"]["samples"])
         earlier_s = saved["timer"]["elapsed_s"]
         checkpoint.set_rng_state(saved["rng"], generator)
-        log.info("resuming %s after boundary %d/%d", out_dir, state.next_distribution, stream.num_distributions)
+        log.info(
+            "resuming %s after boundary %d/%d", out_dir, state.next_distribution, stream.num_distributions
+        )
 
     def timing() -> dict:
         seconds = timer.seconds
@@ -230,8 +244,11 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
     def record_so_far(state: ProtocolState, complete: bool) -> dict:
         record = {
             "complete": complete,
-            "final": {split: {k: v for k, v in values.items() if k != "boundary"}
-                      for split, values in state.last.items() if values},
+            "final": {
+                split: {k: v for k, v in values.items() if k != "boundary"}
+                for split, values in state.last.items()
+                if values
+            },
             "final_boundary": {split: values["boundary"] for split, values in state.last.items() if values},
             "boundaries": state.boundaries,
             "timing": timing(),
@@ -253,17 +270,23 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
         tracker.log_boundary(i, row, model=model, images=images)
         due = time.perf_counter() - last_save[0] >= cfg.checkpoint.interval_s
         if cfg.checkpoint.enabled and (due or i == 0) and state.next_distribution < stream.num_distributions:
-            checkpoint.save(ckpt_path, {
-                "config": config,
-                "seed": seed,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "competitor": competitor.state_dict(),
-                "protocol": state.state_dict(),
-                "timer": {"seconds": dict(timer.seconds), "samples": dict(timer.samples),
-                          "elapsed_s": earlier_s + time.perf_counter() - t_start},
-                "rng": checkpoint.rng_state(generator),
-            })
+            checkpoint.save(
+                ckpt_path,
+                {
+                    "config": config,
+                    "seed": seed,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "competitor": competitor.state_dict(),
+                    "protocol": state.state_dict(),
+                    "timer": {
+                        "seconds": dict(timer.seconds),
+                        "samples": dict(timer.samples),
+                        "elapsed_s": earlier_s + time.perf_counter() - t_start,
+                    },
+                    "rng": checkpoint.rng_state(generator),
+                },
+            )
             last_save[0] = time.perf_counter()
         write_json_atomic(metrics_path, record_so_far(state, complete=False))
 
@@ -272,8 +295,17 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
     )
     try:
         result = run_protocol(
-            model, optimizer, competitor, stream, loss_fn, batch_size=cfg.stream.batch_size,
-            chunk_size=cfg.eval.chunk_size, progress=progress, timer=timer, state=state, on_boundary=on_boundary,
+            model,
+            optimizer,
+            competitor,
+            stream,
+            loss_fn,
+            batch_size=cfg.stream.batch_size,
+            chunk_size=cfg.eval.chunk_size,
+            progress=progress,
+            timer=timer,
+            state=state,
+            on_boundary=on_boundary,
         )
         record = record_so_far(ProtocolState(result.ccm, result.boundaries, result.final), complete=True)
         write_json_atomic(metrics_path, record)
@@ -288,6 +320,13 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
     for split, values in result.final.items():
         log.info("  %-5s %s (after boundary %d)", split, format_metrics(values), values["boundary"] + 1)
     t = record["timing"]
-    log.info("time: train %.2fs (%.0f samples/s), eval %.2fs, features %.2fs, total %.2fs -> %s",
-             t["train_s"], t["train_samples_per_s"], t["eval_s"], t["features_s"], t["total_s"], metrics_path)
+    log.info(
+        "time: train %.2fs (%.0f samples/s), eval %.2fs, features %.2fs, total %.2fs -> %s",
+        t["train_s"],
+        t["train_samples_per_s"],
+        t["eval_s"],
+        t["features_s"],
+        t["total_s"],
+        metrics_path,
+    )
     return record

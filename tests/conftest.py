@@ -30,8 +30,9 @@ def tiny_cfg():
     """Compose with the tiny stream plus the test's own overrides."""
 
     def make(*overrides: str):
-        two_d = not any(o.startswith("benchmark=") and o not in ("benchmark=modes", "benchmark=moons")
-                        for o in overrides)
+        two_d = not any(
+            o.startswith("benchmark=") and o not in ("benchmark=modes", "benchmark=moons") for o in overrides
+        )
         return compose_config([*overrides, *TINY, *(TINY_2D if two_d else [])])
 
     return make

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, compose_config
 
 GROUP_OPTIONS = {
@@ -33,8 +32,20 @@ def test_default_is_the_papers_2d_memory_head():
     cfg = compose_config()
     assert (cfg.model.name, cfg.benchmark.name, cfg.benchmark.order.name) == ("mh", "modes", "CDI")
     m = cfg.model
-    assert (m.distance.name, m.key_mem_units, m.delta, m.gamma_alpha, m.beta_k) == ("euclidean", 10, 2, 25, 0.01)
-    assert (m.tau_alpha, m.tau_mu, m.tau_eta, m.upd_m.name, m.upd_k.name) == (0.95, 50, 50, "WTA", "ad_hoc_WTA")
+    assert (m.distance.name, m.key_mem_units, m.delta, m.gamma_alpha, m.beta_k) == (
+        "euclidean",
+        10,
+        2,
+        25,
+        0.01,
+    )
+    assert (m.tau_alpha, m.tau_mu, m.tau_eta, m.upd_m.name, m.upd_k.name) == (
+        0.95,
+        50,
+        50,
+        "WTA",
+        "ad_hoc_WTA",
+    )
     assert m.scramble and m.shared_keys
     assert (cfg.optimizer.name, cfg.optimizer.lr) == ("adam", 0.01)
 
@@ -42,8 +53,9 @@ def test_default_is_the_papers_2d_memory_head():
 def run_cli(*args, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": ""}
     env.pop("HYDRA_FULL_ERROR")
-    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.mark.parametrize(
@@ -57,7 +69,10 @@ def run_cli(*args, timeout=120):
         (["device=gpu"], ["device", "cpu", "cuda"]),
         (["model.scramble=true", "model.upd_k=grad_WTA"], ["scramble", "ad_hoc_WTA"]),
         (["model.key_mem_units=0"], ["key_mem_units"]),
-        (["benchmark=features", "benchmark.path=/nonexistent/x.npz"], ["benchmark.path", "/nonexistent/x.npz"]),
+        (
+            ["benchmark=features", "benchmark.path=/nonexistent/x.npz"],
+            ["benchmark.path", "/nonexistent/x.npz"],
+        ),
         (["competitor=mir", "competitor.candidates=4", "competitor.buffer_batch_size=8"], ["candidates"]),
         (["eval.chunk_size=0"], ["eval.chunk_size"]),
     ],
@@ -76,7 +91,7 @@ def test_bad_input_fails_with_one_clear_line(args, expected, tmp_path):
 def test_sweep_group_ignores_seed_and_reporting_options():
     from run import sweep_group
 
-    assert sweep_group(["seed=3", "model=mlp", "plots.enabled=true", "logger=wandb", "benchmark.order=CI"]) == (
-        "benchmark.order=CI,model=mlp"
-    )
+    assert sweep_group(
+        ["seed=3", "model=mlp", "plots.enabled=true", "logger=wandb", "benchmark.order=CI"]
+    ) == ("benchmark.order=CI,model=mlp")
     assert sweep_group(["seed=1"]) is None

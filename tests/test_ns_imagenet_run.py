@@ -16,8 +16,15 @@ def root(tmp_path_factory):
 
 
 def test_300_distributions_run_and_the_second_run_reuses_the_cache(root, tiny_cfg, tmp_path):
-    overrides = ["model=lp", "benchmark=ns_imagenet", f"benchmark.root={root}", "benchmark.weights=null",
-                 "benchmark.image_size=32", f"benchmark.cache_dir={tmp_path / 'cache'}", "checkpoint.enabled=false"]
+    overrides = [
+        "model=lp",
+        "benchmark=ns_imagenet",
+        f"benchmark.root={root}",
+        "benchmark.weights=null",
+        "benchmark.image_size=32",
+        f"benchmark.cache_dir={tmp_path / 'cache'}",
+        "checkpoint.enabled=false",
+    ]
     first = run(tiny_cfg(*overrides), tmp_path / "first")
     record = json.loads((tmp_path / "first" / "metrics.json").read_text())
     assert len(record["ccm"]["train"]) == 300 and all(len(row) == 300 for row in record["ccm"]["train"])

@@ -72,6 +72,7 @@ def test_memory_head_run_draws_every_picture_and_the_same_run(tiny_cfg, tmp_path
 
     first = rgb(folder / "surface_boundary_000.png")
     assert first.shape[:2] == SURFACE_SHAPE
+
     # After the first distribution only its points are in class colours; the later ones are grey.
     def class_pixels(image):
         return sum(count_colour(image, c, tol=0.03) for c in colours)
@@ -119,8 +120,11 @@ def test_per_neuron_keys_are_drawn_in_their_class_colour(tmp_path):
         head.keys.copy_(torch.linspace(-0.8, 0.8, 3 * 4 * 2).reshape(3, 4, 2).flip(-1))
     x, y = torch.tensor([[0.9, -0.9]]), torch.tensor([0])
     bare = rgb(plots.decision_surface(head, x, y, path=tmp_path / "bare.png"))
-    keyed = rgb(plots.decision_surface(head, x, y, keys_initial=head.keys + 0.1, keys_final=head.keys,
-                                       path=tmp_path / "keyed.png"))
+    keyed = rgb(
+        plots.decision_surface(
+            head, x, y, keys_initial=head.keys + 0.1, keys_final=head.keys, path=tmp_path / "keyed.png"
+        )
+    )
     assert bare.shape == keyed.shape
     for colour in plots.class_colours(3)[:, :3]:
         assert count_colour(keyed, colour) - count_colour(bare, colour) > 60
@@ -129,8 +133,12 @@ def test_per_neuron_keys_are_drawn_in_their_class_colour(tmp_path):
 
 def test_surface_rejects_inputs_that_are_not_points_of_the_plane(tmp_path):
     with pytest.raises(ValueError, match="2"):
-        plots.decision_surface(torch.nn.Linear(3, 2), torch.zeros(5, 3), torch.zeros(5, dtype=torch.long),
-                               path=tmp_path / "x.png")
+        plots.decision_surface(
+            torch.nn.Linear(3, 2),
+            torch.zeros(5, 3),
+            torch.zeros(5, dtype=torch.long),
+            path=tmp_path / "x.png",
+        )
 
 
 def test_wider_features_get_matrices_and_curves_only(tiny_cfg, tmp_path):
@@ -142,8 +150,16 @@ def test_wider_features_get_matrices_and_curves_only(tiny_cfg, tmp_path):
         arrays[f"distributions_{split}"] = np.repeat([0, 1, 2], n // 3)
     np.savez(tmp_path / "five.npz", **arrays)
     out = tmp_path / "run"
-    run(tiny_cfg("model=mh", "benchmark=features", f"benchmark.path={tmp_path / 'five.npz'}",
-                 "plots.enabled=true", "plots.every_boundary=true"), out)
+    run(
+        tiny_cfg(
+            "model=mh",
+            "benchmark=features",
+            f"benchmark.path={tmp_path / 'five.npz'}",
+            "plots.enabled=true",
+            "plots.every_boundary=true",
+        ),
+        out,
+    )
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["ccm.png", "curves.png"]
 
 
@@ -162,8 +178,13 @@ def test_unmeasured_cells_are_grey(tmp_path):
 
 def test_curves_skip_values_kept_from_an_earlier_boundary(tmp_path):
     def split(b, acc):
-        return {"boundary": b, "avg_accuracy": acc, "avg_forgetting": 0.0, "backward_transfer": 0.0,
-                "forward_transfer": 0.0}
+        return {
+            "boundary": b,
+            "avg_accuracy": acc,
+            "avg_forgetting": 0.0,
+            "backward_transfer": 0.0,
+            "forward_transfer": 0.0,
+        }
 
     # Val covers one distribution: after boundaries 1 and 2 it keeps its value from boundary 0.
     boundaries = [{"index": i, "train": split(i, 1.0 - 0.1 * i), "val": split(0, 0.5)} for i in range(3)]
@@ -189,9 +210,20 @@ def test_plots_true_on_the_command_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "run"
     subprocess.run(
-        [sys.executable, "run.py", "model=lp", "plots=true", "benchmark.n=80", "progress=false",
-         f"hydra.run.dir={out}"],
-        cwd=REPO, env=env, check=True, capture_output=True, timeout=120,
+        [
+            sys.executable,
+            "run.py",
+            "model=lp",
+            "plots=true",
+            "benchmark.n=80",
+            "progress=false",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["ccm.png", "curves.png", "surface.png"]
     config = json.loads((out / "metrics.json").read_text())["config"]

@@ -20,7 +20,11 @@ def make_stream(train_dist, val_dist, test_dist):
         return x, y, np.asarray(dist)
 
     arrays = {}
-    for name, dist, offset in (("train", train_dist, 0.05), ("val", val_dist, 0.01), ("test", test_dist, 0.02)):
+    for name, dist, offset in (
+        ("train", train_dist, 0.05),
+        ("val", val_dist, 0.01),
+        ("test", test_dist, 0.02),
+    ):
         x, y, d = split(dist, offset)
         arrays.update({f"X_{name}": x, f"y_{name}": y, f"distributions_{name}": d})
     return to_stream(arrays, torch.device("cpu")), arrays
@@ -30,8 +34,14 @@ class Recorder(Competitor):
     """Records the order in which the loop calls the hooks."""
 
     def __init__(self, model):
-        super().__init__({}, loss_fn=xent_loss, make_optimizer=None, num_classes=2, device=torch.device("cpu"),
-                         generator=torch.Generator())
+        super().__init__(
+            {},
+            loss_fn=xent_loss,
+            make_optimizer=None,
+            num_classes=2,
+            device=torch.device("cpu"),
+            generator=torch.Generator(),
+        )
         self.model = model
         self.events = []
         self.seen = 0
@@ -83,9 +93,21 @@ def test_confusion_matrices_hold_hand_computed_accuracies_and_val_covers_a_prefi
     stream, arrays = make_stream([0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 0, 1, 1], [0, 0, 1, 2, 2, 2])
     model = sign_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # a frozen model: every row is the same
-    result = run_protocol(model, opt, Competitor({}, loss_fn=xent_loss, make_optimizer=None, num_classes=2,
-                                                 device=torch.device("cpu"), generator=torch.Generator()),
-                          stream, xent_loss, chunk_size=2)
+    result = run_protocol(
+        model,
+        opt,
+        Competitor(
+            {},
+            loss_fn=xent_loss,
+            make_optimizer=None,
+            num_classes=2,
+            device=torch.device("cpu"),
+            generator=torch.Generator(),
+        ),
+        stream,
+        xent_loss,
+        chunk_size=2,
+    )
     for name in ("train", "val", "test"):
         acc = expected_accuracy(arrays, name)
         assert result.ccm[name].shape == (len(acc), len(acc))
@@ -109,10 +131,21 @@ def test_unfilled_rows_are_nan_until_their_boundary():
     def on_boundary(i, row, *_):
         boundaries_seen.append((i, row["val"]["boundary"]))
 
-    result = run_protocol(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                          Competitor({}, loss_fn=xent_loss, make_optimizer=None, num_classes=2,
-                                     device=torch.device("cpu"), generator=torch.Generator()),
-                          stream, xent_loss, on_boundary=on_boundary)
+    result = run_protocol(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        Competitor(
+            {},
+            loss_fn=xent_loss,
+            make_optimizer=None,
+            num_classes=2,
+            device=torch.device("cpu"),
+            generator=torch.Generator(),
+        ),
+        stream,
+        xent_loss,
+        on_boundary=on_boundary,
+    )
     assert boundaries_seen == [(0, 0), (1, 0)]
     assert result.ccm["val"].shape == (1, 1)
 

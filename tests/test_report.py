@@ -25,12 +25,19 @@ def make_run(root, name, overrides, *, seed, test, val, model="mh", competitor="
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {line}\n" for line in lines))
     values = {"train": 0.0, "val": val, "test": test}
     final = {
-        split: {"avg_accuracy": values[split], "avg_forgetting": forgetting, "backward_transfer": 0.0,
-                "forward_transfer": 0.0}
+        split: {
+            "avg_accuracy": values[split],
+            "avg_forgetting": forgetting,
+            "backward_transfer": 0.0,
+            "forward_transfer": 0.0,
+        }
         for split in SPLITS
     }
-    config = {"model": {"name": model}, "competitor": {"name": competitor},
-              "benchmark": {"name": "modes", "order": "CDI"}}
+    config = {
+        "model": {"name": model},
+        "competitor": {"name": competitor},
+        "benchmark": {"name": "modes", "order": "CDI"},
+    }
     (run_dir / "metrics.json").write_text(json.dumps({"final": final, "seed": seed, "config": config}))
     return run_dir
 
@@ -143,10 +150,47 @@ def test_a_folder_without_runs_is_a_clear_error(tmp_path, capsys):
         build_report(tmp_path / "empty")
     assert main([str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.startswith("error: no runs under")
-    done = subprocess.run([sys.executable, "-m", "memhead.report", str(tmp_path / "absent")], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "memhead.report", str(tmp_path / "absent")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr == f"error: {tmp_path / 'absent'} is not a directory\n"
-    bad = subprocess.run([sys.executable, "-m", "memhead.report", str(tmp_path), "--metric", "loss"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "memhead.report", str(tmp_path), "--metric", "loss"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: argument --metric: invalid choice")
+
+
+def test_curves_draw_mean_and_std_over_seeds_of_the_selected_configurations(tmp_path, capsys):
+    import matplotlib.image
+
+    root = tmp_path / "sweep"
+    for i, (model, seed) in enumerate([("mh", 1), ("mh", 2), ("mlp", 1), ("mlp", 2)]):
+        run_dir = make_run(root, str(i), [f"model={model}"], seed=seed, test=0.5, val=0.5, model=model)
+        record = json.loads((run_dir / "metrics.json").read_text())
+        level = 0.9 if model == "mh" else 0.3
+        record["boundaries"] = [
+            {
+                "index": b,
+                **{s: {"boundary": b, "avg_accuracy": level - 0.05 * b + 0.01 * seed} for s in SPLITS},
+            }
+            for b in range(4)
+        ]
+        (run_dir / "metrics.json").write_text(json.dumps(record))
+    assert main([str(root), "--curves", "selected"]) == 0
+    image = matplotlib.image.imread(root / "curves.png")
+    assert image.shape[0] > 300 and image.shape[1] > 500
+    assert len({tuple(px) for px in image[::7, ::7, :3].reshape(-1, 3).round(2)}) > 10  # lines and bands
+    assert "curves.png" in capsys.readouterr().err
+    empty = build_report(root)
+    empty.configurations.clear()
+    with pytest.raises(ReportError, match="no configuration"):
+        report.write_curves(empty, tmp_path / "none.png")

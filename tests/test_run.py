@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import PAPER_2D, need_shared
-from memhead.runner import run
 from test_config import GROUP_OPTIONS
+
+from memhead.runner import run
 
 METRIC_KEYS = {"avg_accuracy", "avg_forgetting", "backward_transfer", "forward_transfer"}
 
@@ -22,8 +22,14 @@ def check_record(record, out_dir, num_dists=8, num_val=4):
         assert -1.0 <= final["avg_forgetting"] <= 1.0
     assert len(record["ccm"]["train"]) == num_dists and len(record["ccm"]["val"]) == num_val
     assert [b["index"] for b in record["boundaries"]] == list(range(num_dists))
-    assert set(record["timing"]) == {"train_s", "eval_s", "features_s", "total_s", "train_samples_per_s",
-                                     "eval_samples_per_s"}
+    assert set(record["timing"]) == {
+        "train_s",
+        "eval_s",
+        "features_s",
+        "total_s",
+        "train_samples_per_s",
+        "eval_samples_per_s",
+    }
     assert record["config"]["model"]["name"] == on_disk["config"]["model"]["name"]
     # The final test metrics are those of the last row of the test matrix.
     last = np.array(record["ccm"]["test"][-1], dtype=float)
@@ -33,18 +39,30 @@ def check_record(record, out_dir, num_dists=8, num_val=4):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[f"{g}={o}"] for g, opts in GROUP_OPTIONS.items() for o in opts if (g, o) not in {
-        ("benchmark", "features"), ("benchmark", "ns_imagenet")}]
-    + [["loss=hinge"], ["stream.batch_size=4"], ["benchmark=moons", "benchmark.order=CDID"],
-       ["model=mh", "model.distance=cosine", "model.shared_keys=false", "model.upd_m=vanilla"],
-       ["model=mh", "model.hidden=5"]],
+    [
+        [f"{g}={o}"]
+        for g, opts in GROUP_OPTIONS.items()
+        for o in opts
+        if (g, o) not in {("benchmark", "features"), ("benchmark", "ns_imagenet")}
+    ]
+    + [
+        ["loss=hinge"],
+        ["stream.batch_size=4"],
+        ["benchmark=moons", "benchmark.order=CDID"],
+        ["model=mh", "model.distance=cosine", "model.shared_keys=false", "model.upd_m=vanilla"],
+        ["model=mh", "model.hidden=5"],
+    ],
     ids=lambda o: " ".join(o),
 )
 def test_every_option_runs_on_a_tiny_stream(overrides, tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = tiny_cfg(*overrides, "competitor.buffer_size=8" if "competitor=" in overrides[0]
-                   and not overrides[0].endswith(("none", "ensemble")) else "seed=1")
+    cfg = tiny_cfg(
+        *overrides,
+        "competitor.buffer_size=8"
+        if "competitor=" in overrides[0] and not overrides[0].endswith(("none", "ensemble"))
+        else "seed=1",
+    )
     record = run(cfg, tmp_path)
     check_record(record, tmp_path)
 
@@ -74,7 +92,11 @@ def test_same_seed_same_result_and_negative_seed_is_recorded(tiny_cfg, tmp_path)
 def test_bad_feature_file_is_rejected_with_its_rule(tiny_cfg, tmp_path):
     from memhead.registry import ConfigError
 
-    arrays = {f"{k}_{s}": np.zeros(4, dtype=np.int64) for k in ("y", "distributions") for s in ("train", "val", "test")}
+    arrays = {
+        f"{k}_{s}": np.zeros(4, dtype=np.int64)
+        for k in ("y", "distributions")
+        for s in ("train", "val", "test")
+    }
     arrays.update({f"X_{s}": np.zeros((4, 2)) for s in ("train", "val", "test")})
     arrays["distributions_test"] = np.array([0, 1, 1, 2])  # 3 distributions, train has 1
     path = tmp_path / "bad.npz"

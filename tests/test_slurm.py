@@ -31,8 +31,10 @@ def default_partition() -> str:
     working = ("idle", "mixed", "allocated")
     usable = [(p, a) for p, a, state in rows if a == "up" and state.rstrip("*~#") in working]
     if done.returncode != 0 or not usable:
-        pytest.skip(f"SLURM does not answer or has no usable node: {(done.stderr or done.stdout).strip()!r} "
-                    f"({SKIP_HINT})")
+        pytest.skip(
+            f"SLURM does not answer or has no usable node: {(done.stderr or done.stdout).strip()!r} "
+            f"({SKIP_HINT})"
+        )
     for partition, _ in usable:
         if partition.endswith("*"):
             return partition.rstrip("*")
@@ -42,10 +44,21 @@ def default_partition() -> str:
 def test_multirun_is_one_slurm_job_array_and_the_report_tables_it(tmp_path):
     partition = default_partition()
     sweep_dir = tmp_path / "sweep"
-    command = [sys.executable, str(REPO / "run.py"), "-m", "model=lp,mlp", "seed=1,2", "benchmark=modes",
-               "benchmark.order=CI", "benchmark.n=80", "progress=false", "hydra/launcher=slurm",
-               f"hydra.launcher.partition={partition}", "hydra.launcher.mem_gb=1",
-               f"hydra.sweep.dir={sweep_dir}"]
+    command = [
+        sys.executable,
+        str(REPO / "run.py"),
+        "-m",
+        "model=lp,mlp",
+        "seed=1,2",
+        "benchmark=modes",
+        "benchmark.order=CI",
+        "benchmark.n=80",
+        "progress=false",
+        "hydra/launcher=slurm",
+        f"hydra.launcher.partition={partition}",
+        "hydra.launcher.mem_gb=1",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     try:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S)
     except subprocess.TimeoutExpired:

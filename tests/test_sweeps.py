@@ -22,8 +22,11 @@ from memhead.config import prepare_arguments, register_sweeps
 from memhead.registry import ConfigError
 
 SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
-PAPER_SWEEPS = [f"{family}_{bench}" for family in ("mh", "competitors", "heads")
-                for bench in ("modes", "moons", "ns_imagenet")]
+PAPER_SWEEPS = [
+    f"{family}_{bench}"
+    for family in ("mh", "competitors", "heads")
+    for bench in ("modes", "moons", "ns_imagenet")
+]
 RUN_TIMEOUT_S = 300
 
 
@@ -97,8 +100,12 @@ def test_sweep_names_plus_form_and_unknown_names():
     assert prepare_arguments(["sweep=smoke"]) == ["sweep=smoke"]
     with pytest.raises(ConfigError, match="sweep='nosuch' is unknown; known: .*smoke"):
         prepare_arguments(["+sweep=nosuch"])
-    done = subprocess.run([sys.executable, str(REPO / "run.py"), "-m", "sweep=nosuch"], capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), "-m", "sweep=nosuch"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: sweep='nosuch' is unknown")
     assert "Traceback" not in done.stderr
 
@@ -107,7 +114,11 @@ def test_smoke_sweep_sets_the_tiny_stream():
     cfg = compose_with_hydra(["sweep=smoke"])
     assert (cfg.benchmark.n, cfg.benchmark.order.name) == (80, "CI")
     assert sorted(" ".join(job) for job in expand_jobs(cfg)) == [
-        "model=lp seed=1", "model=lp seed=2", "model=mlp seed=1", "model=mlp seed=2"]
+        "model=lp seed=1",
+        "model=lp seed=2",
+        "model=mlp seed=1",
+        "model=mlp seed=2",
+    ]
 
 
 # --- launcher configs ---------------------------------------------------------------------------
@@ -140,8 +151,9 @@ def test_local_launcher_is_submitit_local():
 def run_cli(args: list[str], cwd=REPO) -> subprocess.CompletedProcess:
     # One thread per run: the sweeps' processes share few cores (see conf/hydra/launcher/local.yaml).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S, env=env)
+    done = subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -175,8 +187,20 @@ def check_report_matches_runs(sweep_dir, runs: dict[str, dict]) -> list[dict]:
 
 def test_submitit_local_multirun_writes_four_runs_and_the_report_tables_them(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    run_cli([str(REPO / "run.py"), "-m", "model=lp,mlp", "seed=1,2", "benchmark=modes", "benchmark.order=CI",
-             "benchmark.n=80", "progress=false", "hydra/launcher=local", f"hydra.sweep.dir={sweep_dir}"])
+    run_cli(
+        [
+            str(REPO / "run.py"),
+            "-m",
+            "model=lp,mlp",
+            "seed=1,2",
+            "benchmark=modes",
+            "benchmark.order=CI",
+            "benchmark.n=80",
+            "progress=false",
+            "hydra/launcher=local",
+            f"hydra.sweep.dir={sweep_dir}",
+        ]
+    )
     runs = read_runs(sweep_dir)
     assert sorted(runs) == ["model=lp seed=1", "model=lp seed=2", "model=mlp seed=1", "model=mlp seed=2"]
     assert all(run["seed"] == int(key[-1]) for key, run in runs.items())

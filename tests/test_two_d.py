@@ -182,8 +182,13 @@ def test_stable_sort_keeps_ties_in_input_order():
 
 
 def test_make_2d_accepts_omegaconf_lists_and_matches_plain_lists():
-    params = {"n": 20, "ratios": [0.5, 0.5], "centers": [[[0, 0], [1, 1]], [[0, 1], [1, 0]]],
-              "stds": [[0.1, 0.1], [0.1, 0.1]], "seeds": [[1, 2], [3, 4]]}
+    params = {
+        "n": 20,
+        "ratios": [0.5, 0.5],
+        "centers": [[[0, 0], [1, 1]], [[0, 1], [1, 0]]],
+        "stds": [[0.1, 0.1], [0.1, 0.1]],
+        "seeds": [[1, 2], [3, 4]],
+    }
     from_lists = make_2d("modes", "CDI", **params)
     from_config = make_2d("modes", "CDI", **OmegaConf.create(params))
     for key in KEYS:
@@ -256,8 +261,19 @@ def test_generate_cli_writes_the_paper_files(tmp_path):
 
 
 def test_generate_cli_options_and_errors(tmp_path):
-    result = _run_module("data.generate", "--out", str(tmp_path), "--n", "40", "--kinds", "moons",
-                         "--orders", "CI", "--shuffle-seed", "7")
+    result = _run_module(
+        "data.generate",
+        "--out",
+        str(tmp_path),
+        "--n",
+        "40",
+        "--kinds",
+        "moons",
+        "--orders",
+        "CI",
+        "--shuffle-seed",
+        "7",
+    )
     assert result.returncode == 0, result.stderr
     assert [path.name for path in tmp_path.iterdir()] == ["bi-moons_CI.npz"]
     expected = make_2d("moons", "CI", n=40, shuffle_seed=7)

@@ -71,8 +71,9 @@ def offline(monkeypatch, tmp_path):
 
 def test_offline_run_records_config_metrics_images_and_scrambles(offline, tiny_cfg, tmp_path):
     out = tmp_path / "run"
-    cfg = tiny_cfg("model=mh", "logger=wandb", "logger.watch=true", "plots.enabled=true",
-                   "plots.every_boundary=true")
+    cfg = tiny_cfg(
+        "model=mh", "logger=wandb", "logger.watch=true", "plots.enabled=true", "plots.every_boundary=true"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         record = run(cfg, out, group="model=mh")
@@ -149,14 +150,25 @@ class FakeRun:
 
 
 def fake_wandb(monkeypatch, fake_run):
-    module = types.SimpleNamespace(init=lambda **kwargs: fake_run, Image=lambda path: ("image", path),
-                                   Table=lambda columns, data: ("table", columns, data))
+    module = types.SimpleNamespace(
+        init=lambda **kwargs: fake_run,
+        Image=lambda path: ("image", path),
+        Table=lambda columns, data: ("table", columns, data),
+    )
     monkeypatch.setitem(sys.modules, "wandb", module)
 
 
 def wandb_cfg(**overrides):
-    values = {"name": "wandb", "project": "p", "entity": None, "mode": "offline", "group": None, "tags": [],
-              "watch": False, **overrides}
+    values = {
+        "name": "wandb",
+        "project": "p",
+        "entity": None,
+        "mode": "offline",
+        "group": None,
+        "tags": [],
+        "watch": False,
+        **overrides,
+    }
     return OmegaConf.create(values)
 
 
@@ -179,14 +191,28 @@ def test_boundary_values_handed_to_wandb(tmp_path, monkeypatch):
     row = {"train": {"boundary": 2, "avg_accuracy": 0.75}, "val": {"boundary": 1, "avg_accuracy": 0.5}}
     picture = tmp_path / "plots" / "surface_boundary_002.png"
     tracker.log_boundary(2, row, model=head, images=[picture])
-    assert fake.logged == [(2, {
-        "boundary": 2, "train/avg_accuracy": 0.75, "val/avg_accuracy": 0.5, "scramble_count/head": 7,
-        "scramble_count/head/0": 2, "scramble_count/head/1": 0, "scramble_count/head/2": 5,
-        "plots/surface_boundary": ("image", str(picture)),
-    })]
-    record = {"final": {"train": {"avg_accuracy": 0.7}}, "final_boundary": {"train": 2},
-              "timing": {"eval_s": 1.0}, "ccm": {"train": [[1.0, None], [0.5, 0.75]]},
-              "boundaries": [{}, {}, {}]}
+    assert fake.logged == [
+        (
+            2,
+            {
+                "boundary": 2,
+                "train/avg_accuracy": 0.75,
+                "val/avg_accuracy": 0.5,
+                "scramble_count/head": 7,
+                "scramble_count/head/0": 2,
+                "scramble_count/head/1": 0,
+                "scramble_count/head/2": 5,
+                "plots/surface_boundary": ("image", str(picture)),
+            },
+        )
+    ]
+    record = {
+        "final": {"train": {"avg_accuracy": 0.7}},
+        "final_boundary": {"train": 2},
+        "timing": {"eval_s": 1.0},
+        "ccm": {"train": [[1.0, None], [0.5, 0.75]]},
+        "boundaries": [{}, {}, {}],
+    }
     tracker.log_final(record, images=[tmp_path / "plots" / "ccm.png"])
     step, final = fake.logged[-1]
     assert step == 2 and final["plots/ccm"] == ("image", str(tmp_path / "plots" / "ccm.png"))
