@@ -60,6 +60,18 @@ class Recorder(Competitor):
         self.events.append(("at_boundary", self.seen))
 
 
+def plain_training():
+    """``competitor=none``: the loop's own training step only."""
+    return Competitor(
+        {},
+        loss_fn=xent_loss,
+        make_optimizer=None,
+        num_classes=2,
+        device=torch.device("cpu"),
+        generator=torch.Generator(),
+    )
+
+
 def sign_model():
     """Predicts class 1 when x[0] > 0: known accuracies on the stream above."""
     model = nn.Linear(2, 2)
@@ -96,14 +108,7 @@ def test_confusion_matrices_hold_hand_computed_accuracies_and_val_covers_a_prefi
     result = run_protocol(
         model,
         opt,
-        Competitor(
-            {},
-            loss_fn=xent_loss,
-            make_optimizer=None,
-            num_classes=2,
-            device=torch.device("cpu"),
-            generator=torch.Generator(),
-        ),
+        plain_training(),
         stream,
         xent_loss,
         chunk_size=2,
@@ -134,14 +139,7 @@ def test_unfilled_rows_are_nan_until_their_boundary():
     result = run_protocol(
         model,
         torch.optim.SGD(model.parameters(), lr=0.0),
-        Competitor(
-            {},
-            loss_fn=xent_loss,
-            make_optimizer=None,
-            num_classes=2,
-            device=torch.device("cpu"),
-            generator=torch.Generator(),
-        ),
+        plain_training(),
         stream,
         xent_loss,
         on_boundary=on_boundary,
