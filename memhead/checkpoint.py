@@ -60,6 +60,44 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
 
 
+def capture(
+    *,
+    config: dict,
+    seed: int,
+    model,
+    optimizer,
+    competitor,
+    state,
+    timer,
+    elapsed_s: float,
+    generator: torch.Generator,
+) -> dict:
+    """Everything a run needs to continue after the boundary it has just finished."""
+    return {
+        "config": config,
+        "seed": seed,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "competitor": competitor.state_dict(),
+        "protocol": state.state_dict(),
+        "timer": {"seconds": dict(timer.seconds), "samples": dict(timer.samples), "elapsed_s": elapsed_s},
+        "rng": rng_state(generator),
+    }
+
+
+def restore(saved: dict, *, model, optimizer, competitor, timer, generator: torch.Generator):
+    """Load what :func:`capture` saved into freshly built objects; returns (protocol state, elapsed s)."""
+    from memhead.protocol import ProtocolState
+
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    competitor.load_state_dict(saved["competitor"])
+    timer.seconds.update(saved["timer"]["seconds"])
+    timer.samples.update(saved["timer"]["samples"])
+    set_rng_state(saved["rng"], generator)
+    return ProtocolState.from_state_dict(saved["protocol"]), saved["timer"]["elapsed_s"]
+
+
 def save(path: Path, payload: dict) -> None:
     """``torch.save`` through a temporary file in the same folder, so a kill never leaves half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from memhead.registry import ConfigError
 
@@ -218,14 +219,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
 
     state, earlier_s = None, 0.0
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        competitor.load_state_dict(saved["competitor"])
-        state = ProtocolState.from_state_dict(saved["protocol"])
-        timer.seconds.update(saved["timer"]["seconds"])
-        timer.samples.update(saved["timer"]["samples"])
-        earlier_s = saved["timer"]["elapsed_s"]
-        checkpoint.set_rng_state(saved["rng"], generator)
+        state, earlier_s = checkpoint.restore(
+            saved, model=model, optimizer=optimizer, competitor=competitor, timer=timer, generator=generator
+        )
         log.info(
             "resuming %s after boundary %d/%d", out_dir, state.next_distribution, stream.num_distributions
         )
@@ -270,23 +266,18 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
         tracker.log_boundary(i, row, model=model, images=images)
         due = time.perf_counter() - last_save[0] >= cfg.checkpoint.interval_s
         if cfg.checkpoint.enabled and (due or i == 0) and state.next_distribution < stream.num_distributions:
-            checkpoint.save(
-                ckpt_path,
-                {
-                    "config": config,
-                    "seed": seed,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "competitor": competitor.state_dict(),
-                    "protocol": state.state_dict(),
-                    "timer": {
-                        "seconds": dict(timer.seconds),
-                        "samples": dict(timer.samples),
-                        "elapsed_s": earlier_s + time.perf_counter() - t_start,
-                    },
-                    "rng": checkpoint.rng_state(generator),
-                },
+            payload = checkpoint.capture(
+                config=config,
+                seed=seed,
+                model=model,
+                optimizer=optimizer,
+                competitor=competitor,
+                state=state,
+                timer=timer,
+                elapsed_s=earlier_s + time.perf_counter() - t_start,
+                generator=generator,
             )
+            checkpoint.save(ckpt_path, payload)
             last_save[0] = time.perf_counter()
         write_json_atomic(metrics_path, record_so_far(state, complete=False))
 
@@ -294,19 +285,20 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
         cfg.logger, config, run_dir=str(out_dir), group=group, name=out_dir.name, model=model
     )
     try:
-        result = run_protocol(
-            model,
-            optimizer,
-            competitor,
-            stream,
-            loss_fn,
-            batch_size=cfg.stream.batch_size,
-            chunk_size=cfg.eval.chunk_size,
-            progress=progress,
-            timer=timer,
-            state=state,
-            on_boundary=on_boundary,
-        )
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+            result = run_protocol(
+                model,
+                optimizer,
+                competitor,
+                stream,
+                loss_fn,
+                batch_size=cfg.stream.batch_size,
+                chunk_size=cfg.eval.chunk_size,
+                progress=progress,
+                timer=timer,
+                state=state,
+                on_boundary=on_boundary,
+            )
         record = record_so_far(ProtocolState(result.ccm, result.boundaries, result.final), complete=True)
         write_json_atomic(metrics_path, record)
         images = []
