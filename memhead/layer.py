@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memhead import blending
 from memhead.psi import PSI_NAMES, apply_psi, query_size
 from memhead.registry import ConfigError
 
@@ -156,6 +157,38 @@ def check_options(in_features: int, out_features: int, **options: Any) -> dict[s
     return out
 
 
+# Key dtypes whose online step may run on NumPy views (see MemoryHead._update_one_sample).
+_NUMPY_REALS = {torch.float32: np.float32, torch.float64: np.float64}
+# Up to this many selected keys, the top-δ search is δ maximum passes (faster than a partial sort).
+_MAX_PASSES = 4
+
+
+def _top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest scores along the last dimension, in decreasing order, and their indices;
+    ties go to the lower index. Scores that need no gradient are overwritten (a caller's temporary)."""
+    if k > _MAX_PASSES:
+        return scores.topk(k, dim=-1)
+    values, indices = scores.max(dim=-1, keepdim=True)
+    if k == 1:
+        return values, indices
+    found_values, found_indices, rest = [values], [indices], scores
+    for _ in range(k - 1):
+        if scores.requires_grad:
+            rest = rest.scatter(-1, indices, float("-inf"))
+        else:
+            rest.scatter_(-1, indices, float("-inf"))
+        values, indices = rest.max(dim=-1, keepdim=True)
+        found_values.append(values)
+        found_indices.append(indices)
+    return torch.cat(found_values, dim=-1), torch.cat(found_indices, dim=-1)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    # Divides by the variance itself, not the standard deviation, as the specification says.
+    centred = x - x.mean(dim=-1, keepdim=True)
+    return centred / (x.var(dim=-1, keepdim=True) + _LAYER_NORM_EPS)
+
+
 class MemoryHead(nn.Module):
     r"""A linear layer whose weights are blended, per sample, from ``m`` key-indexed memory units.
 
@@ -293,6 +326,7 @@ class MemoryHead(nn.Module):
             self.register_buffer("age", None)
             self.register_buffer("scramble_count", None)
         self.last_top_indices: torch.Tensor | None = None
+        self._recycler = blending.GradientRecycler()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -338,15 +372,27 @@ class MemoryHead(nn.Module):
                 f"MemoryHead expects {self.in_features} values per sample, got an input of shape "
                 f"{tuple(x.shape)}"
             )
+        # One thread for the many small operations; the large products ask for the whole team.
+        with blending.cpu_threads(flat.device, parallel=False):
+            return self._forward(x, flat)
+
+    def _forward(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         learning = self._learning()
         keys = self._keys_for_scoring(learning)
         queries = self._queries(x)
-        top_scores, top_indices = self._scores(queries, keys).topk(self.delta, dim=-1)
-        attention = torch.softmax(self.gamma_alpha * top_scores, dim=-1)
-        output = self._output(self._blend(attention, top_indices), flat)
+        scores = self._scores(queries, keys)
+        # Per-neuron keys score b·q·m entries: enough for the whole team.
+        with blending.cpu_threads(flat.device, parallel=scores.numel() >= 1 << 20):
+            top_scores, top_indices = _top(scores, self.delta)
+            attention = torch.softmax(self.gamma_alpha * top_scores, dim=-1)
+        if self._needs_graph(attention, flat):
+            output = self._output_with_graph(attention, top_indices, flat)
+        else:
+            output = self._output_without_graph(attention, top_indices, flat)
         self.last_top_indices = top_indices.detach()
         if learning and self.upd_k == "ad_hoc_WTA":
-            self._online_key_update(queries.detach(), top_scores[..., 0].detach(), top_indices[..., 0])
+            # (ad_hoc_WTA queries and scores carry no gradient.)
+            self._online_key_update(queries, top_scores[..., 0], top_indices[..., 0])
         return output
 
     def _keys_for_scoring(self, learning: bool) -> torch.Tensor:
@@ -375,24 +421,113 @@ class MemoryHead(nn.Module):
             # The explicit difference (not the |z|^2 - 2 z.k + |k|^2 expansion) keeps near-ties exact.
             squared = (queries[:, None, None, :] - keys[None]).pow(2).sum(-1)
             return torch.exp(-squared / (scale * self.sigma_eu))
-        return torch.einsum("bd,qmd->bqm", queries, keys) / scale
+        work = queries.shape[0] * keys.numel()
+        with blending.cpu_threads(queries.device, parallel=work >= blending.PARALLEL_MACS):
+            if keys.shape[0] == 1:
+                return (queries @ keys[0].T)[:, None, :] / scale
+            return torch.einsum("bd,qmd->bqm", queries, keys) / scale
+
+    def _needs_graph(self, attention: torch.Tensor, flat: torch.Tensor) -> bool:
+        # Without a gradient to compute, outputs can be blended instead of weights (same values).
+        return torch.is_grad_enabled() and (
+            self.memories.requires_grad or attention.requires_grad or flat.requires_grad
+        )
+
+    def _output_with_graph(
+        self, attention: torch.Tensor, top_indices: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`_output` of :meth:`_blend`; without layer norm, outputs are blended, not weights."""
+        if self.layer_norm:  # gains multiply the weights: not linear in the units
+            return self._output(self._blend(attention, top_indices), x)
+        if self.upd_m == "WTA" and self.upd_k == "grad_WTA":
+            attention = torch.cat([attention[..., :1], attention[..., 1:].detach()], dim=-1)
+        inputs = F.pad(x, (0, 1), value=1.0) if self.bias else x
+        trainable = 1 if self.upd_m == "WTA" else self.delta
+        rows = self._unit_rows(top_indices)
+        return blending.SelectedUnits.apply(self.memories, rows, attention, inputs, trainable, self._recycler)
+
+    def _unit_rows(self, top_indices: torch.Tensor) -> torch.Tensor:
+        """Rows of ``memories.view(q * m, u)`` that ``top_indices`` ``(b, q, k)`` point to."""
+        if self.num_key_sets == 1:
+            return top_indices
+        offsets = torch.arange(self.num_key_sets, device=top_indices.device) * self.key_mem_units
+        return top_indices + offsets[None, :, None]
 
     def _blend(self, attention: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
         """Attention-weighted sum ``(b, q, u)`` of the selected memory units."""
-        key_sets = torch.arange(self.num_key_sets, device=top_indices.device)[None, :, None]
+        batch, q, delta = top_indices.shape
+        # index_select, not advanced indexing: its backward is an index_add, which stays fast in
+        # deterministic mode (accumulating index_put falls back to a slow scatter on the CPU).
+        flat_units = self.memories.view(q * self.key_mem_units, self.unit_size)
+        rows = self._unit_rows(top_indices)
         if self.upd_m == "vanilla":
-            units = self.memories[key_sets, top_indices]
+            units = flat_units.index_select(0, rows.reshape(-1)).view(batch, q, delta, -1)
             return torch.einsum("bqk,bqku->bqu", attention, units)
         # WTA: only the winner's unit learns; the runners-up enter as constants.
-        winner_units = self.memories[key_sets[..., 0], top_indices[..., 0]]
+        winner_units = flat_units.index_select(0, rows[..., 0].reshape(-1)).view(batch, q, -1)
         blended = attention[..., :1] * winner_units
-        if self.delta == 1:
+        if delta == 1:
             return blended
         runner_attention = attention[..., 1:]
         if self.upd_k == "grad_WTA":
             runner_attention = runner_attention.detach()
-        runner_units = self.memories.detach()[key_sets, top_indices[..., 1:]]
+        runner_units = flat_units.detach().index_select(0, rows[..., 1:].reshape(-1))
+        runner_units = runner_units.view(batch, q, delta - 1, -1)
         return blended + torch.einsum("bqk,bqku->bqu", runner_attention, runner_units)
+
+    def _output_without_graph(
+        self, attention: torch.Tensor, top_indices: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """The output of :meth:`_output` of :meth:`_blend`, with no per-sample weights in memory.
+
+        Only for forwards that need no gradient: the runners-up are not detached here.
+        """
+        n_cols = self.in_features + int(self.bias)
+        if self.shared_keys:
+            memories = self.memories[0]
+            inputs = x
+            if self.layer_norm:
+                inputs = self._layer_norm_inputs(memories, attention[:, 0], top_indices[:, 0], x)
+            units = memories[:, : self.weight_size].view(self.key_mem_units, self.out_features, n_cols)
+            return blending.shared_unit_outputs(inputs, units, top_indices[:, 0], attention[:, 0], self.bias)
+        batch, q, delta = top_indices.shape
+        dense = not self.layer_norm and blending.prefer_dense(
+            batch, self.key_mem_units, delta, q * n_cols, x.device, alternative="gathered"
+        )
+        if dense:
+            inputs = torch.cat([x, x.new_ones(batch, 1)], dim=1) if self.bias else x
+            units = self.memories[..., :n_cols]
+            return blending.per_neuron_outputs_dense(inputs, units, top_indices, attention)
+        # Per-neuron units are single rows: one embedding-bag call blends them (no gathered copies),
+        # in slices of the batch that stay in cache.
+        table = self.memories.view(q * self.key_mem_units, self.unit_size)
+        rows = self._unit_rows(top_indices).reshape(-1, delta)
+        weights = attention.reshape(-1, delta)
+        output = x.new_empty(batch, self.out_features)
+        step = max(1, blending.SLICE_FLOATS // (q * self.unit_size))
+        for lo in range(0, batch, step):
+            hi = min(lo + step, batch)
+            with blending.cpu_threads(x.device, parallel=(hi - lo) * q * delta * self.unit_size >= (1 << 20)):
+                blended = F.embedding_bag(
+                    rows[lo * q : hi * q], table, per_sample_weights=weights[lo * q : hi * q], mode="sum"
+                )
+                output[lo:hi] = self._output(blended.view(hi - lo, q, -1), x[lo:hi])
+        return output
+
+    def _layer_norm_inputs(
+        self, memories: torch.Tensor, attention: torch.Tensor, indices: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """``G ⊙ (norm(x) + B)`` per sample, from the blended gains ``G`` and shifts ``B``.
+
+        With shared keys ``(G ⊙ W) n + Σ_i (G ⊙ W)_i B_i = W (G ⊙ (n + B))``: the layer-norm output is
+        the blended ``W`` applied to this vector, so only the ``2 * in_features`` gains and shifts are
+        blended per sample.
+        """
+        batch, delta = indices.shape
+        n_in = self.in_features
+        scales = memories[:, self.weight_size :].index_select(0, indices.reshape(-1)).view(batch, delta, -1)
+        blended = torch.bmm(attention[:, None, :], scales).squeeze(1)
+        return blended[:, :n_in] * (_normalise(x) + blended[:, n_in:])
 
     def _output(self, blended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Apply the per-sample blended units ``(b, q, u)`` to the flat input ``(b, in_features)``."""
@@ -403,17 +538,21 @@ class MemoryHead(nn.Module):
             # (q == 1 or q == out_features): both broadcast against the (b, out, in) weight matrix.
             gains = blended[..., self.weight_size : self.weight_size + n_in]
             shifts = blended[..., self.weight_size + n_in :]
-            # Divides by the variance itself, not the standard deviation, as the specification says.
-            centred = x - x.mean(dim=-1, keepdim=True)
-            normalised = centred / (x.var(dim=-1, keepdim=True) + _LAYER_NORM_EPS)
             scaled = gains * matrix
-            output = torch.bmm(scaled, normalised.unsqueeze(-1)).squeeze(-1)
+            output = torch.bmm(scaled, _normalise(x).unsqueeze(-1)).squeeze(-1)
             output = output + (scaled * shifts).sum(dim=-1)
         else:
             output = torch.bmm(matrix, x.unsqueeze(-1)).squeeze(-1)
         if self.bias:
             output = output + weights[..., n_in]
         return output
+
+    def _rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Flat rows of ``(q, m, ·)`` state for per-key-set indices ``(..., q)``."""
+        if self.num_key_sets == 1:
+            return indices.reshape(-1)
+        offsets = torch.arange(self.num_key_sets, device=indices.device) * self.key_mem_units
+        return (indices + offsets).reshape(-1)
 
     @torch.no_grad()
     def _online_key_update(self, queries: torch.Tensor, winner_scores: torch.Tensor, winners: torch.Tensor):
@@ -424,59 +563,107 @@ class MemoryHead(nn.Module):
             winner_scores: ``(b, q)``, the winning scores of this forward.
             winners: ``(b, q)``, the winning key indices of this forward.
         """
+        one_sample = queries.shape[0] == 1 and self.num_key_sets == 1
+        if one_sample and queries.device.type == "cpu" and self.keys.dtype in _NUMPY_REALS:
+            self._update_one_sample(queries, winner_scores, int(winners))
+            return
         if self.scramble:
             self._scramble(queries, winner_scores, winners)
-        batch, q, m, d = queries.shape[0], self.num_key_sets, self.key_mem_units, self.key_size
-        flat_keys = self.keys.view(q * m, d)
-        rows = (torch.arange(q, device=winners.device) * m + winners).reshape(-1)
-        inputs = queries[:, None, :].expand(batch, q, d)
+        batch, q, d = queries.shape[0], self.num_key_sets, self.key_size
+        flat_keys = self.keys.view(-1, d)
+        rows = self._rows(winners)
+        inputs = queries[:, None, :].expand(batch, q, d).reshape(-1, d)
         if self.distance == "cosine":
             steps = self.beta_k * inputs
         elif self.distance == "dot_scaled":
             steps = (self.beta_k / math.sqrt(d)) * inputs
         else:
             rate = self.beta_k / (math.sqrt(d) * self.sigma_eu)
-            steps = rate * winner_scores[..., None] * (inputs - flat_keys[rows].view(batch, q, d))
+            steps = rate * winner_scores.reshape(-1, 1) * (inputs - flat_keys.index_select(0, rows))
         # Batch elements sharing a winner add up their steps.
-        flat_keys.index_add_(0, rows, steps.reshape(-1, d))
+        flat_keys.index_add_(0, rows, steps)
         if self.distance == "cosine":
             if batch == 1:
-                flat_keys[rows] = F.normalize(flat_keys[rows], dim=-1)
+                flat_keys.index_copy_(0, rows, F.normalize(flat_keys.index_select(0, rows), dim=-1))
             else:
                 self.keys.copy_(F.normalize(self.keys, dim=-1))
         if self.scramble:
             self._count_wins(queries, winners)
 
+    def _update_one_sample(self, query: torch.Tensor, winner_score: torch.Tensor, winner: int) -> None:
+        """:meth:`_online_key_update` for one sample and one key set on the CPU, the online step.
+
+        The state is a few hundred floats: NumPy views of it change it in place without a dispatcher
+        call per operation, with the same float arithmetic (the norm comes from torch, so that cosine
+        keys are bitwise those of the general path).
+
+        Args:
+            query: ``(1, d)``.
+            winner_score: ``(1, 1)``.
+            winner: the winning key index.
+        """
+        real, keys, z = _NUMPY_REALS[self.keys.dtype], self.keys.numpy()[0], query[0].numpy()
+        if self.scramble:
+            usage, age = self.usage.numpy()[0], self.age.numpy()[0]
+            weak = (usage < real(self.tau_mu)) & (age >= real(self.tau_eta))
+            if winner_score.numpy()[0, 0] < real(self.tau_alpha) and weak.any():
+                slot = int(np.where(weak, age, -np.inf).argmax())
+                keys[slot] = z
+                units = self.memories.detach().numpy()[0]
+                units[slot] = self._fresh_units((1,))[0].numpy() if self.random_memories else units[winner]
+                usage[slot] = 0
+                self.scramble_count.numpy()[0] += 1
+        key = keys[winner]
+        if self.distance == "cosine":
+            key += real(self.beta_k) * z
+            key /= real(max(float(self.keys[0, winner].norm()), 1e-12))
+        elif self.distance == "dot_scaled":
+            key += real(self.beta_k / math.sqrt(self.key_size)) * z
+        else:
+            rate = real(self.beta_k / (math.sqrt(self.key_size) * self.sigma_eu))
+            key += rate * winner_score.numpy()[0, 0] * (z - key)
+        if self.scramble:
+            age[winner] = 0
+            usage[winner] += 1
+            age += 1
+
     def _scramble(self, queries: torch.Tensor, winner_scores: torch.Tensor, winners: torch.Tensor) -> None:
         # Decided once per key set: the batch's worst-matched sample takes over the oldest weak key.
-        key_sets = torch.arange(self.num_key_sets, device=winners.device)
         weak = (self.usage < self.tau_mu) & (self.age >= self.tau_eta)
-        weakest = winner_scores.argmin(dim=0)
-        weakest_score = winner_scores[weakest, key_sets]
+        if len(queries) == 1:
+            weakest_score, weakest_winners, weakest_queries = winner_scores[0], winners[0], queries
+        else:
+            weakest = winner_scores.argmin(dim=0, keepdim=True)
+            weakest_score = winner_scores.gather(0, weakest)[0]
+            weakest_winners = winners.gather(0, weakest)[0]
+            weakest_queries = queries[weakest[0]]
         scrambling = (weakest_score < self.tau_alpha) & weak.any(dim=-1)
-        slots = torch.where(weak, self.age, float("-inf")).argmax(dim=-1)
-        # Written unconditionally (unchanged where not scrambling) to avoid a host sync per step.
-        self.keys[key_sets, slots] = torch.where(
-            scrambling[:, None], queries[weakest], self.keys[key_sets, slots]
-        )
+        # On the CPU the check is free; elsewhere everything is written unconditionally (unchanged where
+        # not scrambling) to avoid a host sync per step.
+        if queries.device.type == "cpu" and not scrambling.any():
+            return
+        slots = self._rows(torch.where(weak, self.age, float("-inf")).argmax(dim=-1))
+        flat_keys, flat_usage = self.keys.view(-1, self.key_size), self.usage.view(-1)
+        kept_keys = flat_keys.index_select(0, slots)
+        flat_keys.index_copy_(0, slots, torch.where(scrambling[:, None], weakest_queries, kept_keys))
         if self.random_memories:
             chosen = scrambling.nonzero().squeeze(1)
             if chosen.numel():
-                self.memories[chosen, slots[chosen]] = self._fresh_units((chosen.numel(),))
+                self.memories.view(-1, self.unit_size)[slots[chosen]] = self._fresh_units((chosen.numel(),))
         else:
-            sources = self.memories[key_sets, winners[weakest, key_sets]]
-            self.memories[key_sets, slots] = torch.where(
-                scrambling[:, None], sources, self.memories[key_sets, slots]
-            )
-        self.usage[key_sets, slots] = torch.where(scrambling, 0.0, self.usage[key_sets, slots])
-        self.scramble_count += scrambling.long()
+            # Each slot copies the winner's unit, or itself where not scrambling: two row operations.
+            flat_units = self.memories.view(-1, self.unit_size)
+            sources = torch.where(scrambling, self._rows(weakest_winners), slots)
+            flat_units.index_copy_(0, slots, flat_units.index_select(0, sources))
+        flat_usage.index_copy_(0, slots, flat_usage.index_select(0, slots).masked_fill(scrambling, 0.0))
+        self.scramble_count += scrambling
 
     def _count_wins(self, queries: torch.Tensor, winners: torch.Tensor) -> None:
-        batch, q, m = queries.shape[0], self.num_key_sets, self.key_mem_units
+        batch = queries.shape[0]
         if batch > 1:
             winners = self._scores(queries, self.keys).argmax(dim=-1)
-        rows = (torch.arange(q, device=winners.device) * m + winners).reshape(-1)
-        self.age.view(-1)[rows] = 0.0
+        rows = self._rows(winners)
+        self.age.view(-1).index_fill_(0, rows, 0.0)
         self.usage.view(-1).index_add_(0, rows, torch.ones_like(rows, dtype=self.usage.dtype))
         self.age += batch
 

@@ -1,0 +1,403 @@
+"""Memory Head outputs from the selected units without per-sample weights.
+
+A Memory Head's output is linear in the blended weights, ``(Σ_k α_k W_k) x̃ = Σ_k α_k (W_k x̃)``, so
+each selected unit can be applied to the samples that selected it and the *outputs* blended: that
+needs ``b × δ × out`` floats where blending the weights needs ``b × δ × u``.
+
+* Evaluation (no gradient), one key set: :func:`shared_unit_outputs` picks, by a rough cost model,
+  the *grouped* strategy (pairs sorted by unit, one batched product over every unit padded to a
+  common number of rows, a second one over the few crowded units) or the *dense* one (every unit
+  applied to every sample: ``m / δ`` times the arithmetic, no sorting; small layers and GPUs).
+* Per-neuron key sets without a gather: :func:`per_neuron_outputs_dense`.
+* Training: :class:`SelectedUnits`, an autograd function with the gradients of blending the weights,
+  whose memory gradient reuses the previous step's tensor (:class:`GradientRecycler`).
+* :class:`cpu_threads`: small CPU work on one thread, large products on the whole team.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch.autograd.function import once_differentiable
+
+# Multiply-adds a device performs in the time of the grouped strategy's overhead per unit (sorting,
+# padding, gathering; about a library call): its exchange rate with the dense strategy's arithmetic.
+_MACS_PER_CALL = {"cpu": 2e5}
+_MACS_PER_CALL_ACCELERATOR = 2e8
+# Multiply-adds in the time of gathering one float of a selected unit (memory-bound): measured alike
+# on a 2-core CPU and estimated for GPUs from their arithmetic and memory speeds.
+MACS_PER_GATHERED_FLOAT = 16
+# Floats of one intermediate slice: small enough to stay in cache; larger batches go slice by slice.
+SLICE_FLOATS = 1 << 20
+
+
+# Multiply-adds from which one product is worth the intra-op team's barrier.
+PARALLEL_MACS = 1 << 22
+# The thread count outside the outermost :func:`cpu_threads` section (a stack for nesting).
+_full_team: list[int] = []
+
+
+class cpu_threads:  # noqa: N801 (used like a function: ``with cpu_threads(...)``)
+    """Run the enclosed CPU work on the whole intra-op team (``parallel``) or on the calling thread.
+
+    Every parallel CPU operation ends at a barrier of the team. For a row-sized tensor the second
+    thread saves microseconds, but when other processes keep the cores busy, a descheduled team
+    member stalls the barrier for a scheduler time slice (milliseconds), and a Memory Head forward has
+    dozens of small operations. So the layer runs on one thread and hands only its large products to
+    the team. The thread count is process-wide; it is restored on exit. (A class, not a generator:
+    it is entered several times per online step.)
+    """
+
+    __slots__ = ("_active", "_parallel", "_restore")
+
+    def __init__(self, device: torch.device, parallel: bool):
+        self._active = device.type == "cpu"
+        self._parallel = parallel
+        self._restore = 0
+
+    def __enter__(self) -> None:
+        if self._active:
+            current = torch.get_num_threads()
+            full = _full_team[-1] if _full_team else current
+            wanted = full if self._parallel else 1
+            _full_team.append(full)
+            if wanted != current:
+                torch.set_num_threads(wanted)
+                self._restore = current
+
+    def __exit__(self, *exc) -> None:
+        if self._active:
+            if self._restore:
+                torch.set_num_threads(self._restore)
+            _full_team.pop()
+
+
+def _macs_per_call(device: torch.device) -> float:
+    return _MACS_PER_CALL.get(device.type, _MACS_PER_CALL_ACCELERATOR)
+
+
+def prefer_dense(
+    batch: int, units: int, delta: int, unit_macs: int, device: torch.device, alternative: str = "grouped"
+) -> bool:
+    """Whether applying all ``units`` to every sample beats the work on the ``delta`` selected ones.
+
+    Args:
+        batch: samples.
+        units: ``m``, units to choose from.
+        delta: ``δ``, units selected per sample.
+        unit_macs: multiply-adds of one unit (of every key set) applied to one sample.
+        device: where the work runs.
+        alternative: ``'grouped'`` (products grouped by unit, an overhead per unit) or ``'gathered'``
+            (the selected units' floats are gathered and blended per sample).
+
+    Returns:
+        ``True`` when the dense strategy's extra arithmetic costs less than the alternative's overhead.
+    """
+    if alternative == "gathered":
+        return units * unit_macs <= delta * unit_macs * MACS_PER_GATHERED_FLOAT
+    extra_macs = batch * (units - delta) * unit_macs
+    calls = min(units, batch * delta)
+    return extra_macs <= calls * _macs_per_call(device)
+
+
+def shared_unit_outputs(
+    features: torch.Tensor, units: torch.Tensor, indices: torch.Tensor, attention: torch.Tensor, bias: bool
+) -> torch.Tensor:
+    """``out[b] = Σ_k attention[b, k] · units[indices[b, k]] @ [features[b]; 1]`` (one key set).
+
+    Args:
+        features: ``(b, in)`` per-sample input vectors.
+        units: ``(m, out, in + bias)`` weight matrices, the bias (if any) as the last column.
+        indices: ``(b, δ)`` selected unit indices.
+        attention: ``(b, δ)`` blending weights.
+        bias: whether the units carry a bias column.
+
+    Returns:
+        ``(b, out)``.
+    """
+    batch, delta = indices.shape
+    m, out, n = units.shape
+    if prefer_dense(batch, m, delta, out * n, features.device):
+        inputs = torch.cat([features, features.new_ones(batch, 1)], dim=1) if bias else features
+        return _dense_shared(inputs, units, indices, attention)
+    return _grouped_shared(features, units, bias, indices, attention)
+
+
+def _dense_shared(inputs, units, indices, attention):
+    batch, delta = indices.shape
+    m, out, n = units.shape
+    flat_units = units.reshape(m * out, n)
+    result = inputs.new_empty(batch, out)
+    step = max(1, SLICE_FLOATS // (m * out))
+    for lo in range(0, batch, step):
+        hi = min(lo + step, batch)
+        with cpu_threads(inputs.device, parallel=(hi - lo) * m * out * n >= PARALLEL_MACS):
+            every = (inputs[lo:hi] @ flat_units.T).view(hi - lo, m, out)
+        chosen = every.gather(1, indices[lo:hi, :, None].expand(-1, -1, out))
+        result[lo:hi] = (attention[lo:hi, :, None] * chosen).sum(dim=1)
+    return result
+
+
+def _unit_parts(units: torch.Tensor, n_in: int, bias: bool):
+    """``(m, in, out)`` transposed weights and ``(m, 1, out)`` biases (or ``None``) of ``(m, out, n)``
+    units, as strided views."""
+    return units[:, :, :n_in].transpose(1, 2), (units[:, None, :, n_in] if bias else None)
+
+
+def _grouped_shared(features, units, bias, indices, attention):
+    """:func:`shared_unit_outputs` grouped by unit."""
+    batch, delta = indices.shape
+    m, out, _ = units.shape
+    device = features.device
+    flat = indices.reshape(-1)
+    # Pairs sorted by unit; ``position`` is a pair's place within its unit's block.
+    sorted_units, order = torch.sort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=m)
+    starts = counts.cumsum(0) - counts
+    position = torch.arange(len(flat), device=device) - starts.index_select(0, sorted_units)
+    samples = order // delta
+    host_counts = counts.tolist()
+    cap = padding_cap(host_counts)
+    heavy = [unit for unit, count in enumerate(host_counts) if count > cap]
+    extra = max(host_counts) - cap if heavy else 0
+    # Both products write into one result tensor; every pair's row in it (-1: not in this product).
+    every = features.new_empty(m * cap + len(heavy) * extra, out)
+    result_rows = torch.where(position < cap, sorted_units * cap + position, -1)
+    n_in = features.shape[1]
+    if cap:
+        weights_t, biases = _unit_parts(units, n_in, bias)
+        _padded_product(features, weights_t, biases, samples, result_rows, every[: m * cap])
+    if heavy:
+        # The few crowded units, gathered, take the pairs beyond ``cap`` in a second product.
+        heavy_units = torch.tensor(heavy, device=device)
+        rank = torch.full((m,), -1, dtype=torch.long, device=device)
+        rank[heavy_units] = torch.arange(len(heavy), device=device)
+        second_rows = rank.index_select(0, sorted_units) * extra + (position - cap)
+        overflow = position >= cap
+        second_rows = torch.where(overflow, second_rows, -1)
+        # Whole units are contiguous blocks: gathering them is a plain copy.
+        heavy_t, heavy_biases = _unit_parts(units.index_select(0, heavy_units), n_in, bias)
+        _padded_product(features, heavy_t, heavy_biases, samples, second_rows, every[m * cap :])
+        result_rows = torch.where(overflow, second_rows + m * cap, result_rows)
+    # Back to (sample, rank) order, then blended by attention.
+    pair_rows = torch.empty_like(result_rows).index_copy_(0, order, result_rows)
+    chosen = every.index_select(0, pair_rows).view(batch, delta, out)
+    return (attention[:, :, None] * chosen).sum(dim=1)
+
+
+# Costs of the second product in rows pushed through a unit (measured on a 2-core CPU): gathering
+# one unit's weights, and the fixed cost of the round (its index work and library calls).
+_UNIT_GATHER_ROWS = 6
+_SECOND_ROUND_ROWS = 100
+
+
+def padding_cap(counts: list[int]) -> int:
+    """Rows per unit of the first padded product, which spans every unit (all padded to the cap).
+
+    The rows beyond it go to a second product over the gathered units that have them, padded to the
+    largest overflow. The cap minimises the padded rows plus the cost of gathering units.
+
+    Args:
+        counts: selected pairs per unit.
+    """
+    ascending = sorted(counts)
+    m, largest = len(ascending), ascending[-1]
+    best_cap, best_cost = largest, m * largest
+    for cap in set(ascending):
+        over = m - bisect.bisect_right(ascending, cap)
+        cost = m * cap + over * (largest - cap + _UNIT_GATHER_ROWS) + (_SECOND_ROUND_ROWS if over else 0)
+        if cost < best_cost or (cost == best_cost and cap > best_cap):
+            best_cap, best_cost = cap, cost
+    return best_cap
+
+
+def _padded_product(features, weights_t, biases, samples, rows, result):
+    """One batched product ``(groups, cap, in) @ weights_t (+ biases)`` into ``result``
+    ``(groups * cap, out)``: ``rows[i] = g * cap + place`` (or -1: not here) puts sample
+    ``samples[i]`` in place ``place`` of group ``g``'s block. Padding places repeat sample 0; their
+    results are never read."""
+    groups, n_in, out = weights_t.shape
+    cap = result.shape[0] // groups
+    source = torch.zeros(groups * cap, dtype=torch.long, device=samples.device)
+    inside = rows >= 0
+    source.index_copy_(0, rows[inside], samples[inside])
+    with cpu_threads(features.device, parallel=groups * cap * n_in * out >= PARALLEL_MACS):
+        padded = features.index_select(0, source).view(groups, cap, n_in)
+        target = result.view(groups, cap, out)
+        if biases is None:
+            torch.bmm(padded, weights_t, out=target)
+        else:
+            torch.baddbmm(biases, padded, weights_t, out=target)
+
+
+def per_neuron_outputs_dense(
+    inputs: torch.Tensor, units: torch.Tensor, indices: torch.Tensor, attention: torch.Tensor
+) -> torch.Tensor:
+    """``out[b, i] = Σ_k attention[b, i, k] · units[i, indices[b, i, k]] · inputs[b]`` (a key set per
+    output), applying every unit to every sample.
+
+    Args:
+        inputs: ``(b, n)`` per-sample input vectors (the bias entry included).
+        units: ``(q, m, n)``, one weight row per unit of each key set.
+        indices: ``(b, q, δ)`` selected unit indices.
+        attention: ``(b, q, δ)`` blending weights.
+
+    Returns:
+        ``(b, q)``.
+    """
+    batch = inputs.shape[0]
+    q, m, n = units.shape
+    flat_units = units.reshape(q * m, n)
+    result = inputs.new_empty(batch, q)
+    step = max(1, SLICE_FLOATS // (q * m))
+    for lo in range(0, batch, step):
+        hi = min(lo + step, batch)
+        with cpu_threads(inputs.device, parallel=(hi - lo) * q * m * n >= PARALLEL_MACS):
+            every = (inputs[lo:hi] @ flat_units.T).view(hi - lo, q, m)
+        result[lo:hi] = (every.gather(2, indices[lo:hi]) * attention[lo:hi]).sum(dim=-1)
+    return result
+
+
+def _storage_references(tensor: torch.Tensor) -> int | None:
+    # Private, but long-standing; without it recycling is simply off.
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(tensor.untyped_storage()._cdata)
+
+
+class GradientRecycler:
+    """Hands the previous step's memory gradient back to the next backward, zeroed where it was written.
+
+    A memory gradient is zero outside the rows of the selected units, so the tensor the last backward
+    produced can serve again once those rows are zeroed — provided nobody else can see it: the
+    parameter has no gradient (the optimizer's ``zero_grad(set_to_none=True)`` dropped it), no other
+    tensor shares its storage (it keeps a private alias and counts the storage's references), and it
+    was not changed in place since (version counter). That spares a full-size allocation, its page
+    faults and its zero fill in every online step. Otherwise (gradients being accumulated, a gradient
+    kept, edited or returned by ``torch.autograd.grad``) a fresh zero tensor is used, as autograd would.
+    """
+
+    def __init__(self) -> None:
+        self._alias: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+        self._version = -1
+        self._alone = -1
+
+    def __deepcopy__(self, memo) -> GradientRecycler:
+        return GradientRecycler()  # a copy's gradients are its own
+
+    def __getstate__(self) -> dict:
+        return GradientRecycler().__dict__
+
+    def acquire(self, parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A gradient tensor shaped like ``parameter`` and the rows of it that are not zero yet.
+
+        Returns:
+            ``(tensor, stale)``: ``stale`` is ``None`` for a fresh zero tensor, else the rows (of
+            ``tensor.view(-1, u)``) the caller must zero or overwrite; all other rows are zero.
+        """
+        alias = self._alias
+        if (
+            alias is not None
+            and alias._version == self._version
+            and parameter.grad is None
+            and alias.shape == parameter.shape
+            and _storage_references(alias) == self._alone
+        ):
+            return alias.detach(), self._rows  # a new tensor object: autograd can adopt it
+        fresh = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
+        self._alias = fresh.detach()
+        references = _storage_references(self._alias)
+        self._alone = -1 if references is None else references - 1  # without ``fresh``
+        return fresh, None
+
+    def remember(self, grad: torch.Tensor, rows: torch.Tensor) -> None:
+        """After writing ``rows`` (of ``grad.view(-1, u)``), the only rows that are not zero."""
+        self._rows = rows
+        self._version = grad._version
+
+
+class SelectedUnits(torch.autograd.Function):
+    """``out[b, s·R + r] = Σ_k α[b, s, k] · (memories[s, j_bsk] viewed (R, n))[r] · inputs[b]``, with the
+    gradients of blending the weights first, in a few batched products.
+
+    The memory gradient reaches only the first ``trainable`` ranks (``δ`` for ``upd_m='vanilla'``,
+    1 for ``WTA``); the attention and input gradients use every rank, as in the blend of weights.
+
+    Args (of ``apply``):
+        memories: ``(q, m, R * n)``, units without layer-norm parts; ``R`` rows of ``n`` inputs.
+        rows: ``(b, q, δ)`` long, the selected units as rows of ``memories.view(q * m, -1)``.
+        attention: ``(b, q, δ)``.
+        inputs: ``(b, n)``, the inputs with their bias entry.
+        trainable: how many leading ranks pass a gradient to the memories.
+        recycler: the layer's :class:`GradientRecycler`.
+
+    Returns:
+        ``(b, q * R)``.
+    """
+
+    @staticmethod
+    def forward(ctx, memories, rows, attention, inputs, trainable, recycler):
+        batch, q, delta = rows.shape
+        needs = ctx.needs_input_grad
+        flat = memories.view(-1, memories.shape[-1])
+        if batch * q == 1 and inputs.device.type == "cpu" and not needs[3]:
+            # One sample (an online step): each unit read in place, no gathered copy.
+            n, units = inputs.shape[1], None
+            selected = rows.view(-1).tolist()
+            products = torch.stack([torch.mv(flat[row].view(-1, n), inputs[0]) for row in selected])
+            products = products.view(1, delta, -1)
+            output = torch.mm(attention.view(1, delta), products[0])
+        else:
+            with cpu_threads(inputs.device, parallel=rows.numel() * memories.shape[-1] >= PARALLEL_MACS):
+                units = flat.index_select(0, rows.view(-1)).view(batch, -1, inputs.shape[1])  # (b, q·δ·R, n)
+                products = torch.bmm(units, inputs[:, :, None]).view(batch * q, delta, -1)
+                output = torch.bmm(attention.view(batch * q, 1, delta), products).view(batch, -1)
+        # Only what the requested gradients read: usually the rows, attention and inputs.
+        ctx.save_for_backward(
+            rows, attention, inputs, units if needs[3] else None, products if needs[2] else None
+        )
+        ctx.trainable, ctx.recycler, ctx.memories = trainable, recycler, memories
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rows, attention, inputs, units, products = ctx.saved_tensors
+        with cpu_threads(grad_output.device, parallel=rows.numel() * ctx.memories.shape[-1] >= PARALLEL_MACS):
+            batch, q, delta = rows.shape
+            grad_output = grad_output.view(batch, q, 1, -1)
+            grad_memories = grad_attention = grad_inputs = None
+            if ctx.needs_input_grad[0]:
+                grad_memories = _memory_gradient(ctx, rows, attention, inputs, grad_output)
+            if ctx.needs_input_grad[2]:
+                grad_attention = (products.view(batch, q, delta, -1) * grad_output).sum(dim=-1)
+            if ctx.needs_input_grad[3]:
+                grad_products = (attention[..., None] * grad_output).reshape(batch, -1, 1)
+                grad_inputs = torch.bmm(units.transpose(1, 2), grad_products).squeeze(-1)
+        return grad_memories, None, grad_attention, grad_inputs, None, None
+
+
+def _memory_gradient(ctx, rows, attention, inputs, grad_output):
+    """``Σ α · grad ⊗ input`` into the selected rows of a zero tensor (recycled when possible)."""
+    grad, stale = ctx.recycler.acquire(ctx.memories)
+    flat = grad.view(-1, grad.shape[-1])
+    trainable = ctx.trainable
+    if rows.shape[0] * rows.shape[1] * trainable == 1 and grad.device.type == "cpu":
+        # One row (an online step): written in place; reading indices is free on the CPU.
+        kept_rows = rows.view(-1)[:1]
+        row = int(kept_rows)
+        if stale is not None and not (len(stale) == 1 and int(stale) == row):
+            flat.index_fill_(0, stale, 0)
+        target = flat[row].view(-1, inputs.shape[1])
+        torch.outer(grad_output.view(-1) * attention.view(-1)[0], inputs.view(-1), out=target)
+    else:
+        batch = rows.shape[0]
+        kept_rows = rows[:, :, :trainable].reshape(-1)
+        kept = attention[:, :, :trainable, None] * grad_output  # (b, q, δ', R)
+        if stale is not None:
+            flat.index_fill_(0, stale, 0)
+        outer = torch.bmm(kept.reshape(batch, -1, 1), inputs[:, None, :])  # (b, q·δ'·R, n)
+        flat.index_add_(0, kept_rows, outer.view(-1, flat.shape[1]))
+    ctx.recycler.remember(grad, kept_rows)
+    return grad

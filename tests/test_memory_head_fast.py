@@ -1,0 +1,461 @@
+"""The Memory Head's fast paths against a straightforward reference: blend each sample's weights from
+its selected units, then apply them (shared/spec/memory-head.md, forward pass steps 1-6)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memhead import blending
+from memhead.layer import MemoryHead
+
+REPO = Path(__file__).resolve().parents[1]
+IN, OUT, UNITS, DELTA = 6, 4, 5, 2
+
+
+def reference_forward(head: MemoryHead, keys: torch.Tensor, memories: torch.Tensor, x: torch.Tensor):
+    """Output ``(b, out)`` and top-δ indices ``(b, q, δ)``, one sample and key set at a time.
+
+    ``keys`` and ``memories`` are the head's state as separate leaves, so that their gradients can be
+    compared with the head's.
+    """
+    flat = x.reshape(len(x), -1)
+    through_query = head.distance == "cosine" and head.upd_k != "ad_hoc_WTA"
+    queries = flat if through_query else flat.detach()
+    if head.distance == "cosine":
+        queries = F.normalize(queries, dim=-1)
+    d = head.key_size
+    if head.distance == "euclidean":
+        squared = ((queries[:, None, None] - keys[None]) ** 2).sum(-1)
+        scores = torch.exp(-squared / (math.sqrt(d) * head.sigma_eu))
+    else:
+        scores = (queries[:, None, None] * keys[None]).sum(-1) / math.sqrt(d)
+    top_scores, top_indices = scores.topk(head.delta, dim=-1)
+    attention = torch.softmax(head.gamma_alpha * top_scores, dim=-1)
+
+    n_in, n_cols = head.in_features, head.in_features + int(head.bias)
+    rows_per_unit = head.out_features if head.shared_keys else 1
+    outputs = []
+    for b in range(len(flat)):
+        sample = []
+        for s in range(head.num_key_sets):
+            weights = 0
+            for k in range(head.delta):
+                unit, alpha = memories[s, top_indices[b, s, k]], attention[b, s, k]
+                if head.upd_m == "WTA" and k > 0:
+                    unit = unit.detach()
+                    if head.upd_k == "grad_WTA":
+                        alpha = alpha.detach()
+                weights = weights + alpha * unit
+            matrix = weights[: head.weight_size].view(rows_per_unit, n_cols)
+            w, bias = matrix[:, :n_in], (matrix[:, n_in] if head.bias else 0)
+            xb = flat[b]
+            if head.layer_norm:
+                gains = weights[head.weight_size : head.weight_size + n_in]
+                shifts = weights[head.weight_size + n_in :]
+                normalised = (xb - xb.mean()) / (xb.var() + 1e-5)
+                w = gains * w
+                bias = bias + (w * shifts).sum(-1)
+                xb = normalised
+            sample.append(w @ xb + bias)
+        outputs.append(torch.cat(sample))
+    return torch.stack(outputs), top_indices
+
+
+def make_head(dtype=torch.float32, **options) -> MemoryHead:
+    options = {"key_mem_units": UNITS, "delta": DELTA, "scramble": False, **options}
+    torch.manual_seed(3)
+    head = MemoryHead(IN, OUT, dtype=dtype, **options)
+    with torch.no_grad():  # layer-norm gains and shifts away from 1 and 0, so that they matter
+        head.memories.add_(0.3 * torch.randn_like(head.memories))
+    return head
+
+
+def tolerance(dtype) -> dict:
+    return {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-9}
+
+
+AXES = {
+    "distance": ("cosine", "euclidean", "dot_scaled"),
+    "shared_keys": (True, False),
+    "upd_m": ("vanilla", "WTA"),
+    "upd_k": ("ad_hoc_WTA", "grad_WTA", "grad_not_WTA"),
+    "layer_norm": (False, True),
+}
+CONFIGS = [dict(zip(AXES, values)) for values in itertools.product(*AXES.values())]
+
+
+def config_id(config: dict) -> str:
+    return "-".join(str(v) if not isinstance(v, bool) else f"{k}={v}" for k, v in config.items())
+
+
+@pytest.fixture(params=["grouped", "dense"])
+def strategy(request, monkeypatch):
+    """Force one of the two no-gradient strategies of memhead.blending."""
+    monkeypatch.setattr(blending, "prefer_dense", lambda *args, **kwargs: request.param == "dense")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_evaluation_equals_blended_weights(config, batch, dtype, strategy):
+    head = make_head(dtype, **config).eval()
+    x = torch.randn(batch, IN, dtype=dtype)
+    with torch.no_grad():
+        expected, indices = reference_forward(head, head.keys, head.memories, x)
+    with torch.inference_mode():
+        output = head(x)
+    torch.testing.assert_close(output, expected, **tolerance(dtype))
+    assert torch.equal(head.last_top_indices, indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_training_forward_and_gradients_equal_blended_weights(config, batch, dtype):
+    head = make_head(dtype, **config).train()
+    keys = head.keys.detach().clone().requires_grad_(head.upd_k != "ad_hoc_WTA")
+    memories = head.memories.detach().clone().requires_grad_(True)
+    x = torch.randn(batch, IN, dtype=dtype)
+    x_head, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    upstream = torch.randn(batch, OUT, dtype=dtype)
+
+    expected, indices = reference_forward(head, keys, memories, x_ref)
+    output = head(x_head)
+    torch.testing.assert_close(output, expected, **tolerance(dtype))
+    assert torch.equal(head.last_top_indices, indices)
+
+    (expected * upstream).sum().backward()
+    (output * upstream).sum().backward()
+    torch.testing.assert_close(head.memories.grad, memories.grad, **tolerance(dtype))
+    if head.upd_k != "ad_hoc_WTA":
+        torch.testing.assert_close(head.keys.grad, keys.grad, **tolerance(dtype))
+    torch.testing.assert_close(x_head.grad, x_ref.grad, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("shared_keys", [True, False])
+@pytest.mark.parametrize("upd_m", ["vanilla", "WTA"])
+def test_units_without_bias(upd_m, shared_keys, layer_norm, strategy):
+    head = make_head(torch.float64, bias=False, upd_m=upd_m, shared_keys=shared_keys, layer_norm=layer_norm)
+    x = torch.randn(6, IN, dtype=torch.float64)
+    with torch.no_grad():
+        expected, _ = reference_forward(head, head.keys, head.memories, x)
+        torch.testing.assert_close(head.eval()(x), expected, **tolerance(torch.float64))
+    memories = head.memories.detach().clone().requires_grad_(True)
+    expected, _ = reference_forward(head, head.keys, memories, x)
+    expected.sum().backward()
+    head.train()(x).sum().backward()
+    torch.testing.assert_close(head.memories.grad, memories.grad, **tolerance(torch.float64))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+
+@CUDA
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("shared_keys", [True, False])
+@pytest.mark.parametrize(
+    ("upd_m", "upd_k"), [("WTA", "ad_hoc_WTA"), ("vanilla", "grad_not_WTA"), ("WTA", "grad_WTA")]
+)
+def test_cuda_paths_equal_the_reference(upd_m, upd_k, shared_keys, layer_norm, strategy):
+    """Evaluation (a chunk large enough for the GPU's strategy) and a training step's gradients."""
+    options = {"upd_m": upd_m, "upd_k": upd_k, "shared_keys": shared_keys, "layer_norm": layer_norm}
+    head = make_head(**options).cuda()
+    x = torch.randn(300, IN, device="cuda")
+    with torch.no_grad():
+        expected, indices = reference_forward(head, head.keys, head.memories, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(head.eval()(x), expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(head.last_top_indices, indices)
+    keys = head.keys.detach().clone().requires_grad_(upd_k != "ad_hoc_WTA")
+    memories = head.memories.detach().clone().requires_grad_(True)
+    expected, _ = reference_forward(head, keys, memories, x[:3])
+    expected.sum().backward()
+    head.train()(x[:3]).sum().backward()
+    torch.testing.assert_close(head.memories.grad, memories.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_wta_gradient_reaches_only_the_winner_rows():
+    head = make_head(upd_m="WTA", key_mem_units=8, delta=3).train()
+    output = head(torch.randn(1, IN))
+    output.sum().backward()
+    winner = head.last_top_indices[0, 0, 0].item()
+    touched = head.memories.grad[0].abs().sum(-1).nonzero().flatten().tolist()
+    assert touched == [winner]
+
+
+@pytest.mark.parametrize("shared_keys", [True, False])
+def test_evaluation_with_gradients_on_but_nothing_to_learn(shared_keys):
+    """A frozen head under autograd takes the no-gradient path, with the same values."""
+    head = make_head(shared_keys=shared_keys).eval()
+    head.memories.requires_grad_(False)
+    x = torch.randn(5, IN)
+    expected, _ = reference_forward(head, head.keys, head.memories, x)
+    torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_shared_keys_evaluation_never_blends_weights(layer_norm, monkeypatch):
+    head = make_head(layer_norm=layer_norm).eval()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("per-sample weights were built")
+
+    monkeypatch.setattr(head, "_blend", forbidden)
+    with torch.no_grad():
+        head(torch.randn(9, IN))
+
+
+def test_per_neuron_evaluation_in_slices(monkeypatch):
+    """Per-neuron units blended in slices of the batch (a tiny slice bound forces several)."""
+    head = make_head(shared_keys=False, layer_norm=True).eval()
+    x = torch.randn(11, IN)
+    with torch.no_grad():
+        expected, _ = reference_forward(head, head.keys, head.memories, x)
+        monkeypatch.setattr(blending, "SLICE_FLOATS", 1)
+        torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shared_keys", [True, False])
+def test_dense_strategy_in_slices(shared_keys, monkeypatch):
+    head = make_head(shared_keys=shared_keys).eval()
+    x = torch.randn(13, IN)
+    with torch.no_grad():
+        expected, _ = reference_forward(head, head.keys, head.memories, x)
+        monkeypatch.setattr(blending, "prefer_dense", lambda *args, **kwargs: True)
+        monkeypatch.setattr(blending, "SLICE_FLOATS", 3 * UNITS * OUT)
+        torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_strategy_with_unused_and_crowded_units():
+    """Every sample selecting the same two units leaves the others' blocks empty."""
+    units = torch.randn(6, 3, 4, dtype=torch.float64)
+    inputs = torch.randn(10, 4, dtype=torch.float64)
+    indices = torch.tensor([[4, 1]] * 10)
+    attention = torch.softmax(torch.randn(10, 2, dtype=torch.float64), dim=-1)
+    expected = torch.einsum("bk,bkoi,bi->bo", attention, units[indices], inputs)
+    grouped = blending._grouped_shared(inputs, units, False, indices, attention)
+    torch.testing.assert_close(grouped, expected)
+    torch.testing.assert_close(blending._dense_shared(inputs, units, indices, attention), expected)
+
+
+def test_grouped_strategy_with_a_second_round_for_crowded_units():
+    """Unit 0 is in every sample: the others are padded to a small cap, unit 0's extra rows (and
+    those of any unit above the cap) go to a second product over the gathered crowded units."""
+    others = [unit for unit in range(1, 10) for _ in range(5 if unit <= 4 else 4)]
+    counts = [40] + [others.count(unit) for unit in range(1, 10)]
+    cap = blending.padding_cap(counts)
+    assert 0 < cap < 40
+    torch.manual_seed(1)
+    indices = torch.stack([torch.zeros(40, dtype=torch.long), torch.tensor(others)], dim=1)
+    swap = torch.rand(40) < 0.5  # unit 0 at either rank
+    indices[swap] = indices[swap].flip(1)
+    units = torch.randn(10, 3, 4, dtype=torch.float64)
+    inputs = torch.randn(40, 4, dtype=torch.float64)
+    attention = torch.softmax(torch.randn(40, 2, dtype=torch.float64), dim=-1)
+    expected = torch.einsum("bk,bkoi,bi->bo", attention, units[indices], inputs)
+    grouped = blending._grouped_shared(inputs, units, False, indices, attention)
+    torch.testing.assert_close(grouped, expected)
+
+
+def test_cost_model_picks_grouping_for_large_heads_and_dense_for_small_ones():
+    cpu = torch.device("cpu")
+    # The paper's NS-ImageNet head: 100 units of 100 x 513 weights, a chunk of 1000 samples.
+    assert not blending.prefer_dense(1000, 100, 2, 100 * 513, cpu)
+    # The paper's 2-D head: 10 units of 2 x 3 weights.
+    assert blending.prefer_dense(1000, 10, 2, 2 * 3, cpu)
+
+
+# --- the online step's key update on NumPy views ---------------------------------------------------
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "dot_scaled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_one_sample_key_update_is_bitwise_the_general_one(distance, dtype, monkeypatch):
+    """The CPU fast path of a batch-1 step changes keys, memories and counters exactly as the
+    general (torch, any batch) path does, scrambling included."""
+    import memhead.layer as layer_module
+
+    options = {"distance": distance, "scramble": True, "tau_eta": 3, "tau_mu": 2, "tau_alpha": 0.9}
+    fast, general = twin_heads(**options)
+    fast.to(dtype)
+    general.to(dtype)
+    stream = torch.randn(60, IN, dtype=dtype) * 3
+    for x in stream:
+        fast(x[None])
+        with monkeypatch.context() as patch:
+            patch.setattr(layer_module, "_NUMPY_REALS", {})
+            general(x[None])
+        for name, value in general.state_dict().items():
+            assert torch.equal(fast.state_dict()[name], value), name
+    assert fast.scramble_count.item() > 0
+
+
+# --- the memory gradient's storage, reused from step to step ----------------------------------------
+
+
+def online_step(head, optimizer, x, y, set_to_none=True):
+    loss = F.cross_entropy(head(x), y)
+    optimizer.zero_grad(set_to_none=set_to_none)
+    loss.backward()
+    optimizer.step()
+
+
+def twin_heads(**options):
+    options = {"distance": "cosine", "scramble": True, "tau_eta": 3, "tau_alpha": 2.0, **options}
+    torch.manual_seed(5)
+    head = MemoryHead(IN, OUT, key_mem_units=UNITS, delta=DELTA, **options)
+    return head, copy.deepcopy(head)
+
+
+@pytest.mark.parametrize("shared_keys", [True, False])
+@pytest.mark.parametrize("upd_m", ["vanilla", "WTA"])
+def test_reused_gradient_storage_gives_the_fresh_gradients(shared_keys, upd_m):
+    """``set_to_none=True`` (storage reused) and ``False`` (autograd adds into a zeroed tensor) agree."""
+    reused, fresh = twin_heads(shared_keys=shared_keys, upd_m=upd_m)
+    opt_reused = torch.optim.SGD(reused.parameters(), lr=0.1, weight_decay=0.01)
+    opt_fresh = torch.optim.SGD(fresh.parameters(), lr=0.1, weight_decay=0.01)
+    pointers = set()
+    for step in range(12):
+        x, y = torch.randn(1 + step % 3, IN), torch.randint(0, OUT, (1 + step % 3,))
+        online_step(reused, opt_reused, x, y)
+        online_step(fresh, opt_fresh, x, y, set_to_none=False)
+        torch.testing.assert_close(reused.memories.grad, fresh.memories.grad, atol=1e-7, rtol=1e-6)
+        pointers.add(reused.memories.grad.data_ptr())
+    assert reused.scramble_count.sum() > 0
+    assert len(pointers) == 1  # one storage served every step
+    for name, value in fresh.state_dict().items():
+        torch.testing.assert_close(reused.state_dict()[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_kept_gradient_is_left_alone():
+    head, _ = twin_heads()
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    online_step(head, optimizer, torch.randn(1, IN), torch.tensor([1]))
+    kept = head.memories.grad
+    view = head.memories.grad.view(-1)[:3]
+    kept_before, view_before = kept.clone(), view.clone()
+    for _ in range(3):
+        online_step(head, optimizer, torch.randn(1, IN), torch.tensor([2]))
+        assert head.memories.grad.data_ptr() != kept.data_ptr()
+    assert torch.equal(kept, kept_before) and torch.equal(view, view_before)
+    del kept
+    online_step(head, optimizer, torch.randn(1, IN), torch.tensor([2]))
+    assert view.data_ptr() != head.memories.grad.data_ptr() and torch.equal(view, view_before)
+
+
+def test_a_gradient_edited_in_place_is_not_reused_as_zero():
+    """A competitor rewriting the whole gradient (A-GEM's projection) leaves no stale rows behind."""
+    head, _ = twin_heads(scramble=False)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    online_step(head, optimizer, torch.randn(1, IN), torch.tensor([1]))
+    head.memories.grad.add_(1.0)
+    online_step(head, optimizer, torch.randn(1, IN), torch.tensor([0]))
+    winner = head.last_top_indices[0, 0, 0].item()
+    nonzero_rows = head.memories.grad[0].abs().sum(-1).nonzero().flatten().tolist()
+    assert nonzero_rows == [winner]
+
+
+def test_gradients_accumulate_without_zero_grad():
+    head, twin = twin_heads(scramble=False)
+    x1, x2 = torch.randn(1, IN), torch.randn(1, IN)
+    head.eval()  # state frozen: both forwards see the same keys and memories
+    twin.eval()
+    head(x1).sum().backward()
+    first = head.memories.grad.clone()
+    head(x2).sum().backward()
+    twin(x2).sum().backward()
+    torch.testing.assert_close(head.memories.grad, first + twin.memories.grad)
+
+
+def test_gradients_returned_by_autograd_grad_stay_valid():
+    head, _ = twin_heads(scramble=False)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    (returned,) = torch.autograd.grad(head(torch.randn(1, IN)).sum(), [head.memories])
+    before = returned.clone()
+    for _ in range(3):
+        online_step(head, optimizer, torch.randn(1, IN), torch.tensor([3]))
+    assert torch.equal(returned, before)
+
+
+def test_fused_adam_matches_plain_adam_on_a_memory_head():
+    """The runner's optimizer (fused where torch offers it) follows torch.optim.Adam's trajectory."""
+    pytest.importorskip("omegaconf")
+    from memhead.runner import make_optimizer_factory
+
+    cfg = SimpleNamespace(name="adam", lr=1e-2, weight_decay=1e-3, momentum=0.0)
+    options = {"distance": "cosine", "key_mem_units": UNITS, "delta": DELTA, "scramble": True, "tau_eta": 3}
+    torch.manual_seed(0)
+    plain = MemoryHead(IN, OUT, **options)
+    fused = copy.deepcopy(plain)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused_opt = make_optimizer_factory(cfg)(fused)
+    assert fused_opt.defaults["fused"]
+    xs, ys = torch.randn(30, IN), torch.randint(0, OUT, (30,))
+    for x, y in zip(xs, ys):
+        for head, opt in ((plain, plain_opt), (fused, fused_opt)):
+            loss = F.cross_entropy(head(x[None]), y[None])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bench_quick_prints_the_table():
+    command = [sys.executable, "-m", "memhead.bench", "--quick"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("measure"))
+    names = [line.split("  ")[0] for line in lines[header + 1 : header + 5]]
+    assert names[0].startswith("floor: fused Adam") and names[1] == "online step, batch 1"
+    assert names[2].startswith("nn.Linear eval") and names[3].startswith("Memory Head eval")
+    for line in lines[header + 1 : header + 5]:
+        cells = re.split(r"\s{2,}", line)
+        assert float(cells[1]) > 0 and float(cells[3]) > 0, line
+    assert all(re.search(r"<=\S+\s+(pass|FAIL)", line) for line in (lines[header + 2], lines[header + 4]))
+    assert any(line.startswith("stream (") for line in lines)
+
+
+def test_gradients_of_two_backwards_before_a_step_add_up_as_for_replay():
+    """ER-style steps (incoming + replay backward, then the step) with the recycled gradient buffer."""
+    torch.manual_seed(0)
+    head = MemoryHead(
+        16,
+        5,
+        key_mem_units=6,
+        delta=2,
+        distance="cosine",
+        gamma_alpha=5.0,
+        beta_k=1e-2,
+        tau_alpha=0.7,
+        tau_mu=5,
+        tau_eta=5,
+    )
+    optimizer = torch.optim.Adam(head.parameters(), 1e-2)
+    x, y = torch.randn(40, 16), torch.randint(0, 5, (40,))
+    for step in range(12):
+        incoming, replay = slice(step, step + 1), slice(20 + step, 24 + step)
+        first = copy.deepcopy(head)
+        F.cross_entropy(first(x[incoming]), y[incoming]).backward()
+        second = copy.deepcopy(first)  # keys as moved by the incoming sample's forward
+        second.memories.grad = None
+        F.cross_entropy(second(x[replay]), y[replay]).backward()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(head(x[incoming]), y[incoming]).backward()
+        F.cross_entropy(head(x[replay]), y[replay]).backward()
+        torch.testing.assert_close(head.memories.grad, first.memories.grad + second.memories.grad)
+        optimizer.step()
