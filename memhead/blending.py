@@ -127,16 +127,22 @@ def shared_unit_outputs(
 def _dense_shared(inputs, units, indices, attention):
     batch, delta = indices.shape
     m, out, n = units.shape
-    flat_units = units.reshape(m * out, n)
     result = inputs.new_empty(batch, out)
-    step = max(1, SLICE_FLOATS // (m * out))
-    for lo in range(0, batch, step):
-        hi = min(lo + step, batch)
-        with cpu_threads(inputs.device, parallel=(hi - lo) * m * out * n >= PARALLEL_MACS):
-            every = (inputs[lo:hi] @ flat_units.T).view(hi - lo, m, out)
-        chosen = every.gather(1, indices[lo:hi, :, None].expand(-1, -1, out))
+    for lo, hi, every in _every_unit_output(inputs, units.reshape(m * out, n)):
+        chosen = every.view(hi - lo, m, out).gather(1, indices[lo:hi, :, None].expand(-1, -1, out))
         result[lo:hi] = (attention[lo:hi, :, None] * chosen).sum(dim=1)
     return result
+
+
+def _every_unit_output(inputs: torch.Tensor, flat_units: torch.Tensor):
+    """Yield ``(lo, hi, inputs[lo:hi] @ flat_units.T)`` over slices of the batch that bound memory."""
+    rows, n = flat_units.shape
+    step = max(1, SLICE_FLOATS // rows)
+    for lo in range(0, inputs.shape[0], step):
+        hi = min(lo + step, inputs.shape[0])
+        with cpu_threads(inputs.device, parallel=(hi - lo) * rows * n >= PARALLEL_MACS):
+            every = inputs[lo:hi] @ flat_units.T
+        yield lo, hi, every  # the caller's blending runs outside the thread setting, as before
 
 
 def _unit_parts(units: torch.Tensor, n_in: int, bias: bool):
@@ -248,14 +254,9 @@ def per_neuron_outputs_dense(
     """
     batch = inputs.shape[0]
     q, m, n = units.shape
-    flat_units = units.reshape(q * m, n)
     result = inputs.new_empty(batch, q)
-    step = max(1, SLICE_FLOATS // (q * m))
-    for lo in range(0, batch, step):
-        hi = min(lo + step, batch)
-        with cpu_threads(inputs.device, parallel=(hi - lo) * q * m * n >= PARALLEL_MACS):
-            every = (inputs[lo:hi] @ flat_units.T).view(hi - lo, q, m)
-        result[lo:hi] = (every.gather(2, indices[lo:hi]) * attention[lo:hi]).sum(dim=-1)
+    for lo, hi, every in _every_unit_output(inputs, units.reshape(q * m, n)):
+        result[lo:hi] = (every.view(hi - lo, q, m).gather(2, indices[lo:hi]) * attention[lo:hi]).sum(dim=-1)
     return result
 
 

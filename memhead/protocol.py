@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,20 +72,15 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @contextmanager
     def measure(self, part: str, samples: int):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                timer.sync()
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.sync()
-                timer.seconds[part] += time.perf_counter() - self.start
-                timer.samples[part] += samples
-
-        return _Span()
+        """Add the wall time of the enclosed block, and its ``samples``, to ``part``."""
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[part] += time.perf_counter() - start
+        self.samples[part] += samples
 
 
 @dataclass

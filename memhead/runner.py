@@ -257,14 +257,15 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
             record["ccm"] = {split: matrix_rows(matrix) for split, matrix in state.ccm.items()}
         return record
 
-    last_save = [time.perf_counter()]
+    last_save = time.perf_counter()
 
     def on_boundary(i, row, model, optimizer, state: ProtocolState) -> None:
+        nonlocal last_save
         images = []
         if cfg.plots.every_boundary and has_planar_inputs(stream):
             images.append(save_boundary_plot(out_dir, i, model, stream, initial_keys))
         tracker.log_boundary(i, row, model=model, images=images)
-        due = time.perf_counter() - last_save[0] >= cfg.checkpoint.interval_s
+        due = time.perf_counter() - last_save >= cfg.checkpoint.interval_s
         if cfg.checkpoint.enabled and (due or i == 0) and state.next_distribution < stream.num_distributions:
             payload = checkpoint.capture(
                 config=config,
@@ -278,7 +279,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
                 generator=generator,
             )
             checkpoint.save(ckpt_path, payload)
-            last_save[0] = time.perf_counter()
+            last_save = time.perf_counter()
         write_json_atomic(metrics_path, record_so_far(state, complete=False))
 
     tracker = make_logger(

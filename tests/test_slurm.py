@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import REPO
 from omegaconf import OmegaConf
-from test_sweeps import check_report_matches_runs, read_runs
+from test_sweeps import TINY_MULTIRUN, check_report_matches_runs, read_runs
 
 SUBMIT_TIMEOUT_S = 600
 SKIP_HINT = "run `sudo .ci/slurm.sh` for a one-node cluster"
@@ -47,13 +47,7 @@ def test_multirun_is_one_slurm_job_array_and_the_report_tables_it(tmp_path):
     command = [
         sys.executable,
         str(REPO / "run.py"),
-        "-m",
-        "model=lp,mlp",
-        "seed=1,2",
-        "benchmark=modes",
-        "benchmark.order=CI",
-        "benchmark.n=80",
-        "progress=false",
+        *TINY_MULTIRUN,
         "hydra/launcher=slurm",
         f"hydra.launcher.partition={partition}",
         "hydra.launcher.mem_gb=1",

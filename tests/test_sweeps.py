@@ -168,6 +168,18 @@ def read_runs(sweep_dir) -> dict[str, dict]:
     return runs
 
 
+# The issue's example multirun: two models x two seeds on a tiny MODES-CI stream.
+TINY_MULTIRUN = [
+    "-m",
+    "model=lp,mlp",
+    "seed=1,2",
+    "benchmark=modes",
+    "benchmark.order=CI",
+    "benchmark.n=80",
+    "progress=false",
+]
+
+
 def check_report_matches_runs(sweep_dir, runs: dict[str, dict]) -> list[dict]:
     """Report the sweep; each model's row holds the mean and std of its two seeds' test accuracies."""
     done = run_cli(["-m", "memhead.report", str(sweep_dir)])
@@ -187,20 +199,7 @@ def check_report_matches_runs(sweep_dir, runs: dict[str, dict]) -> list[dict]:
 
 def test_submitit_local_multirun_writes_four_runs_and_the_report_tables_them(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    run_cli(
-        [
-            str(REPO / "run.py"),
-            "-m",
-            "model=lp,mlp",
-            "seed=1,2",
-            "benchmark=modes",
-            "benchmark.order=CI",
-            "benchmark.n=80",
-            "progress=false",
-            "hydra/launcher=local",
-            f"hydra.sweep.dir={sweep_dir}",
-        ]
-    )
+    run_cli([str(REPO / "run.py"), *TINY_MULTIRUN, "hydra/launcher=local", f"hydra.sweep.dir={sweep_dir}"])
     runs = read_runs(sweep_dir)
     assert sorted(runs) == ["model=lp seed=1", "model=lp seed=2", "model=mlp seed=1", "model=mlp seed=2"]
     assert all(run["seed"] == int(key[-1]) for key, run in runs.items())
