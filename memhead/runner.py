@@ -10,6 +10,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -142,48 +143,48 @@ def finished_record(path: Path) -> dict | None:
     return record if record.get("complete") else None
 
 
-def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None = None) -> dict:
-    """Run the online protocol for ``cfg`` in ``out_dir`` and return the ``metrics.json`` record.
+@dataclass
+class RunPlan:
+    """What a run is and where it lives, settled before anything is built (see :func:`prepare`)."""
 
-    With ``checkpoint.enabled`` the run continues from ``out_dir/checkpoint.pt`` when one is there, and
-    a run whose ``metrics.json`` is complete is not run again.
-    """
-    from competitors import build_competitor
-    from data.benchmarks import BENCHMARKS
-    from data.stream import to_stream
+    cfg: DictConfig
+    out_dir: Path
+    seed: int
+    config: dict  # the resolved configuration, with the seed actually used
+    saved: dict | None  # the checkpoint to resume from
+    done: dict | None  # the record of a finished run: nothing left to do
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.json"
+
+
+def prepare(cfg: DictConfig, out_dir: str | Path | None) -> RunPlan:
+    """Check the configuration, settle the seed, and find what the run directory already holds."""
     from memhead import checkpoint
-    from memhead.loggers import make_logger
-    from memhead.metrics import matrix_rows
-    from memhead.models import MODELS
-    from memhead.plots import has_planar_inputs, save_boundary_plot, save_run_plots, snapshot_keys
-    from memhead.protocol import LOSSES, ProtocolState, Timer, format_metrics, run_protocol
 
-    t_start = time.perf_counter()
     check_config(cfg)
     out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path, ckpt_path = out_dir / "metrics.json", out_dir / checkpoint.CHECKPOINT
+    ckpt_path = out_dir / checkpoint.CHECKPOINT
     saved = checkpoint.load(ckpt_path) if cfg.checkpoint.enabled and ckpt_path.is_file() else None
     # A time-based seed is drawn once: a resumed run keeps the seed it started with.
     seed = saved["seed"] if saved is not None and cfg.seed < 0 else resolve_seed(cfg.seed)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     config["seed"] = seed
-
-    done = finished_record(metrics_path) if cfg.checkpoint.enabled else None
+    done = finished_record(out_dir / "metrics.json") if cfg.checkpoint.enabled else None
     if done is not None:
         checkpoint.check_same_run(out_dir, done["config"], config)
-        log.info("%s already holds this run, finished: nothing to do", metrics_path)
-        return done
-    if saved is not None:
+    elif saved is not None:
         checkpoint.check_same_run(out_dir, saved["config"], config)
+    return RunPlan(cfg, out_dir, seed, config, saved, done)
 
-    device = resolve_device(cfg.device)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    generator = seed_everything(seed)
-    progress = default_progress() if cfg.progress is None else bool(cfg.progress)
 
-    timer = Timer(device)
+def build_stream(cfg: DictConfig, device: torch.device, progress: bool):
+    """The benchmark's stream on ``device``, and the seconds its features took."""
+    from data.benchmarks import BENCHMARKS
+    from data.stream import to_stream
+
     t0 = time.perf_counter()
     arrays = BENCHMARKS.get(cfg.benchmark.name).build(cfg.benchmark, device, progress)
     stream = to_stream(arrays, device, source=f"benchmark={cfg.benchmark.name}")
@@ -199,6 +200,25 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
         stream.in_features,
         features_s,
     )
+    return stream, features_s
+
+
+@dataclass
+class Learner:
+    """The objects a run trains: model (wrapped by its competitor), optimizer, and how they learn."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    competitor: object
+    loss_fn: object
+    generator: torch.Generator
+
+
+def build_learner(cfg: DictConfig, stream, device: torch.device, generator: torch.Generator) -> Learner:
+    """Model, competitor and optimizer as a run with ``cfg`` starts them (after :func:`seed_everything`)."""
+    from competitors import build_competitor
+    from memhead.models import MODELS
+    from memhead.protocol import LOSSES
 
     loss_fn = LOSSES[cfg.loss.name]
     make_optimizer = make_optimizer_factory(cfg.optimizer)
@@ -212,32 +232,53 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
         generator=generator,
     )
     model = competitor.wrap(model).to(device)
-    optimizer = make_optimizer(model)
-    log.info("model: %s", model)
-    # Before any checkpoint is loaded: a resumed run draws the keys its first start began with.
-    initial_keys = snapshot_keys(model)
+    return Learner(model, make_optimizer(model), competitor, loss_fn, generator)
 
-    state, earlier_s = None, 0.0
-    if saved is not None:
-        state, earlier_s = checkpoint.restore(
-            saved, model=model, optimizer=optimizer, competitor=competitor, timer=timer, generator=generator
-        )
-        log.info(
-            "resuming %s after boundary %d/%d", out_dir, state.next_distribution, stream.num_distributions
-        )
 
-    def timing() -> dict:
-        seconds = timer.seconds
+def resume(plan: RunPlan, learner: Learner, timer):
+    """Load the plan's checkpoint into ``learner``: (protocol state or None, seconds spent before)."""
+    from memhead import checkpoint
+
+    if plan.saved is None:
+        return None, 0.0
+    state, earlier_s = checkpoint.restore(
+        plan.saved,
+        model=learner.model,
+        optimizer=learner.optimizer,
+        competitor=learner.competitor,
+        timer=timer,
+        generator=learner.generator,
+    )
+    log.info("resuming %s after boundary %d", plan.out_dir, state.next_distribution)
+    return state, earlier_s
+
+
+class Recorder:
+    """The ``metrics.json`` record of one run and its checkpoints, at boundaries and at the end."""
+
+    def __init__(self, plan: RunPlan, learner: Learner, timer, *, features_s, earlier_s, device, t_start):
+        self.plan, self.learner, self.timer = plan, learner, timer
+        self.features_s, self.earlier_s, self.device = features_s, earlier_s, device
+        self.t_start = t_start  # when this process started the run: total_s counts building too
+        self.last_save = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        return self.earlier_s + time.perf_counter() - self.t_start
+
+    def timing(self) -> dict:
+        seconds, samples = self.timer.seconds, self.timer.samples
         return {
             "train_s": seconds["train_s"],
             "eval_s": seconds["eval_s"],
-            "features_s": features_s,
-            "total_s": earlier_s + time.perf_counter() - t_start,
-            "train_samples_per_s": timer.samples["train_s"] / max(seconds["train_s"], 1e-12),
-            "eval_samples_per_s": timer.samples["eval_s"] / max(seconds["eval_s"], 1e-12),
+            "features_s": self.features_s,
+            "total_s": self.elapsed_s(),
+            "train_samples_per_s": samples["train_s"] / max(seconds["train_s"], 1e-12),
+            "eval_samples_per_s": samples["eval_s"] / max(seconds["eval_s"], 1e-12),
         }
 
-    def record_so_far(state: ProtocolState, complete: bool) -> dict:
+    def record(self, state, complete: bool) -> dict:
+        from memhead.metrics import matrix_rows
+
         record = {
             "complete": complete,
             "final": {
@@ -247,52 +288,120 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
             },
             "final_boundary": {split: values["boundary"] for split, values in state.last.items() if values},
             "boundaries": state.boundaries,
-            "timing": timing(),
-            "competitor": competitor.summary(),
-            "seed": seed,
-            "device": str(device),
-            "config": config,
+            "timing": self.timing(),
+            "competitor": self.learner.competitor.summary(),
+            "seed": self.plan.seed,
+            "device": str(self.device),
+            "config": self.plan.config,
         }
         if complete:  # the matrices are large on long streams: the checkpoint holds them until the end
             record["ccm"] = {split: matrix_rows(matrix) for split, matrix in state.ccm.items()}
         return record
 
-    last_save = time.perf_counter()
+    def checkpoint_due(self, i: int, state, num_distributions: int) -> bool:
+        cfg = self.plan.cfg.checkpoint
+        due = time.perf_counter() - self.last_save >= cfg.interval_s
+        return cfg.enabled and (due or i == 0) and state.next_distribution < num_distributions
+
+    def save_checkpoint(self, model, optimizer, state) -> None:
+        from memhead import checkpoint
+
+        payload = checkpoint.capture(
+            config=self.plan.config,
+            seed=self.plan.seed,
+            model=model,
+            optimizer=optimizer,
+            competitor=self.learner.competitor,
+            state=state,
+            timer=self.timer,
+            elapsed_s=self.elapsed_s(),
+            generator=self.learner.generator,
+        )
+        checkpoint.save(self.plan.out_dir / checkpoint.CHECKPOINT, payload)
+        self.last_save = time.perf_counter()
+
+    def at_boundary(self, i: int, model, optimizer, state, num_distributions: int) -> None:
+        if self.checkpoint_due(i, state, num_distributions):
+            self.save_checkpoint(model, optimizer, state)
+        write_json_atomic(self.plan.metrics_path, self.record(state, complete=False))
+
+    def finish(self, state) -> dict:
+        record = self.record(state, complete=True)
+        write_json_atomic(self.plan.metrics_path, record)
+        return record
+
+
+def log_summary(record: dict) -> None:
+    log.info("final metrics (each split at its last boundary):")
+    from memhead.protocol import format_metrics
+
+    for split, values in record["final"].items():
+        boundary = record["final_boundary"][split]
+        log.info("  %-5s %s (after boundary %d)", split, format_metrics(values), boundary + 1)
+    t = record["timing"]
+    log.info(
+        "time: train %.2fs (%.0f samples/s), eval %.2fs, features %.2fs, total %.2fs",
+        t["train_s"],
+        t["train_samples_per_s"],
+        t["eval_s"],
+        t["features_s"],
+        t["total_s"],
+    )
+
+
+def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None = None) -> dict:
+    """Run the online protocol for ``cfg`` in ``out_dir`` and return the ``metrics.json`` record.
+
+    The named steps: :func:`prepare` (what the run is, what its directory holds), :func:`build_stream`,
+    :func:`build_learner`, :func:`resume`, then the protocol with a :class:`Recorder` at every boundary.
+    With ``checkpoint.enabled`` the run continues from ``out_dir/checkpoint.pt`` when one is there, and
+    a run whose ``metrics.json`` is complete is not run again.
+    """
+    from memhead.loggers import make_logger
+    from memhead.plots import has_planar_inputs, save_boundary_plot, save_run_plots, snapshot_keys
+    from memhead.protocol import ProtocolState, Timer, run_protocol
+
+    t_start = time.perf_counter()
+    plan = prepare(cfg, out_dir)
+    if plan.done is not None:
+        log.info("%s already holds this run, finished: nothing to do", plan.metrics_path)
+        return plan.done
+
+    device = resolve_device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    generator = seed_everything(plan.seed)
+    progress = default_progress() if cfg.progress is None else bool(cfg.progress)
+    timer = Timer(device)
+    stream, features_s = build_stream(cfg, device, progress)
+    learner = build_learner(cfg, stream, device, generator)
+    log.info("model: %s", learner.model)
+    # Before any checkpoint is loaded: a resumed run draws the keys its first start began with.
+    initial_keys = snapshot_keys(learner.model)
+    state, earlier_s = resume(plan, learner, timer)
+    recorder = Recorder(
+        plan, learner, timer, features_s=features_s, earlier_s=earlier_s, device=device, t_start=t_start
+    )
+    out_dir = plan.out_dir
+    tracker = make_logger(
+        cfg.logger, plan.config, run_dir=str(out_dir), group=group, name=out_dir.name, model=learner.model
+    )
 
     def on_boundary(i, row, model, optimizer, state: ProtocolState) -> None:
-        nonlocal last_save
         images = []
         if cfg.plots.every_boundary and has_planar_inputs(stream):
             images.append(save_boundary_plot(out_dir, i, model, stream, initial_keys))
         tracker.log_boundary(i, row, model=model, images=images)
-        due = time.perf_counter() - last_save >= cfg.checkpoint.interval_s
-        if cfg.checkpoint.enabled and (due or i == 0) and state.next_distribution < stream.num_distributions:
-            payload = checkpoint.capture(
-                config=config,
-                seed=seed,
-                model=model,
-                optimizer=optimizer,
-                competitor=competitor,
-                state=state,
-                timer=timer,
-                elapsed_s=earlier_s + time.perf_counter() - t_start,
-                generator=generator,
-            )
-            checkpoint.save(ckpt_path, payload)
-            last_save = time.perf_counter()
-        write_json_atomic(metrics_path, record_so_far(state, complete=False))
+        recorder.at_boundary(i, model, optimizer, state, stream.num_distributions)
 
-    tracker = make_logger(
-        cfg.logger, config, run_dir=str(out_dir), group=group, name=out_dir.name, model=model
-    )
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not through it
             result = run_protocol(
-                model,
-                optimizer,
-                competitor,
+                learner.model,
+                learner.optimizer,
+                learner.competitor,
                 stream,
-                loss_fn,
+                learner.loss_fn,
                 batch_size=cfg.stream.batch_size,
                 chunk_size=cfg.eval.chunk_size,
                 progress=progress,
@@ -300,26 +409,13 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
                 state=state,
                 on_boundary=on_boundary,
             )
-        record = record_so_far(ProtocolState(result.ccm, result.boundaries, result.final), complete=True)
-        write_json_atomic(metrics_path, record)
+        record = recorder.finish(ProtocolState(result.ccm, result.boundaries, result.final))
         images = []
         if cfg.plots.enabled:
             images = save_run_plots(out_dir, record, result.model, stream, initial_keys)
         tracker.log_final(record, images=images)
     finally:
         tracker.close()
-
-    log.info("final metrics (each split at its last boundary):")
-    for split, values in result.final.items():
-        log.info("  %-5s %s (after boundary %d)", split, format_metrics(values), values["boundary"] + 1)
-    t = record["timing"]
-    log.info(
-        "time: train %.2fs (%.0f samples/s), eval %.2fs, features %.2fs, total %.2fs -> %s",
-        t["train_s"],
-        t["train_samples_per_s"],
-        t["eval_s"],
-        t["features_s"],
-        t["total_s"],
-        metrics_path,
-    )
+    log_summary(record)
+    log.info("metrics: %s", plan.metrics_path)
     return record
