@@ -247,6 +247,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
             },
             "final_boundary": {split: values["boundary"] for split, values in state.last.items() if values},
             "boundaries": state.boundaries,
+            "initial_accuracy": {split: matrix_rows(b[None])[0] for split, b in state.initial.items()},
             "timing": timing(),
             "competitor": competitor.summary(),
             "seed": seed,
@@ -300,7 +301,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
                 state=state,
                 on_boundary=on_boundary,
             )
-        record = record_so_far(ProtocolState(result.ccm, result.boundaries, result.final), complete=True)
+        record = record_so_far(
+            ProtocolState(result.ccm, result.boundaries, result.final, initial=result.initial), complete=True
+        )
         write_json_atomic(metrics_path, record)
         images = []
         if cfg.plots.enabled:
