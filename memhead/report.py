@@ -83,6 +83,8 @@ class Run:
     state: str = "complete"
     problem: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Overrides whose value came from the record: the launch that ran may not have given them at all.
+    corrected: frozenset[str] = frozenset()
 
     @property
     def seed(self) -> int | None:
@@ -335,9 +337,11 @@ def _read_run(run_dir: Path) -> Run:
         return Run(
             run_dir, overrides, state="unreadable", problem=f"unreadable metrics.json ({_one_line(err)})"
         )
-    notes = []
+    notes, corrected = [], frozenset()
     if isinstance(record.get("config"), dict):
+        before = set(overrides)
         overrides, disagreements = reconcile(overrides, record["config"])
+        corrected = frozenset(set(overrides) - before)
         if disagreements:
             notes.append(
                 ".hydra/overrides.yaml disagrees with metrics.json ("
@@ -346,24 +350,25 @@ def _read_run(run_dir: Path) -> Run:
             )
     if record.get("failed") or (record.get("error") and record.get("complete") is not True):
         reason = _one_line(str(record.get("error") or "no reason recorded"))
-        return Run(run_dir, overrides, state="failed", problem=reason, notes=notes)
+        return Run(run_dir, overrides, state="failed", problem=reason, notes=notes, corrected=corrected)
     if record.get("complete") is not True:
         done = len(record.get("boundaries") or [])
         problem = (
             f"partial: {done} boundaries recorded (stopped, killed or still running{_log_hint(run_dir)})"
         )
         if failure is not None:
-            return Run(run_dir, overrides, state="failed", problem=failure, notes=notes)
-        return Run(run_dir, overrides, state="partial", problem=problem, notes=notes)
+            return Run(run_dir, overrides, state="failed", problem=failure, notes=notes, corrected=corrected)
+        return Run(run_dir, overrides, state="partial", problem=problem, notes=notes, corrected=corrected)
     try:
         _check_record(record)
     except ValueError as err:
-        return Run(run_dir, overrides, state="unreadable", problem=f"unreadable metrics.json ({err})")
+        problem = f"unreadable metrics.json ({err})"
+        return Run(run_dir, overrides, state="unreadable", problem=problem, corrected=corrected)
     if overrides_problem is not None:
         notes.append(f"{overrides_problem}: grouped by its recorded configuration")
     if failure is not None:
         notes.append(f"complete, but {FAILED_FILE} says a later launch failed ({failure})")
-    return Run(run_dir, overrides, record=record, notes=notes)
+    return Run(run_dir, overrides, record=record, notes=notes, corrected=corrected)
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -422,12 +427,21 @@ def jobs_without_a_run(sweep_dir: Path, runs: Sequence[Run]) -> tuple[list[Run],
     expected, why = expected_jobs(sweep_dir)
     if expected is None:
         return [], why
-    present = [run.overrides for run in runs if sweep_dir in run.path.parents]
+    present = [run for run in runs if sweep_dir in run.path.parents]
     hint = "; submitit logs: .submitit/" if (sweep_dir / ".submitit").is_dir() else ""
     missing = []
     for job in expected:
-        if job in present:
-            present.remove(job)  # each run answers for one job
+        # A corrected override may not have been part of the job (a refused launch added it).
+        answer = next(
+            (
+                r
+                for r in present
+                if job in (r.overrides, tuple(o for o in r.overrides if o not in r.corrected))
+            ),
+            None,
+        )
+        if answer is not None:
+            present.remove(answer)  # each run answers for one job
         else:
             problem = (
                 f"no run of this job (not started, refused, or failed before Hydra made its directory{hint})"
@@ -904,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
     if report.notes:
-        print(f"warning: {len(report.notes)} notes at the end of the report", file=sys.stderr)
+        print(f"warning: {len(report.notes)} note(s) at the end of the report", file=sys.stderr)
     return 0
 
 

@@ -457,3 +457,14 @@ def test_metric_selects_either_convention_and_an_unknown_name_lists_the_allowed(
     assert all(
         name in err for name in ("avg_forgetting_gem", "backward_transfer_gem", "forward_transfer_gem")
     )
+
+
+def test_a_run_whose_refused_relaunch_added_an_override_still_answers_for_its_job(tmp_path):
+    # Job 0 ran `model=mh seed=1` (lr 0.01 by default); `optimizer.lr=0.005` was added by a refused relaunch.
+    root = tmp_path / "sweep"
+    make_run(root, "0", ["model=mh"], seed=1, test=0.5, val=0.9)
+    (root / "0" / ".hydra" / "overrides.yaml").write_text("- model=mh\n- seed=1\n- optimizer.lr=0.005\n")
+    write_multirun(root, ["model=mh", "seed=1,2"])
+    rep = build_report(root)
+    assert [r.overrides for r in rep.without_metrics] == [("model=mh", "seed=2")]
+    assert [c.seeds for c in rep.configurations] == [[1]]
