@@ -1,7 +1,13 @@
 """Continual-learning metrics as pure functions of a continual confusion matrix.
 
 ``R[i][j]`` is the accuracy on distribution ``j`` after training up to distribution ``i`` (NaN where
-not measured). Definitions follow ``protocol.md``; each function reads ``R[0..i][0..i]``.
+not measured). Two conventions, under distinct names, each function reading ``R[0..i][0..i]``:
+
+* the paper's (``protocol.md``): ``avg_forgetting`` against the best earlier row, ``backward_transfer``
+  clamped at 0, ``forward_transfer`` without a baseline;
+* GEM's (Lopez-Paz & Ranzato, 2017), which Avalanche-style libraries report (suffix ``_gem``):
+  forgetting against the accuracy just after learning (``R[j][j] - R[i][j]``), signed backward
+  transfer (= minus that forgetting), forward transfer against the untrained model's accuracy ``b``.
 """
 
 from __future__ import annotations
@@ -9,6 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 METRICS = ("avg_accuracy", "avg_forgetting", "backward_transfer", "forward_transfer")
+GEM_METRICS = ("avg_forgetting_gem", "backward_transfer_gem", "forward_transfer_gem")
+# Every name a run records (metrics.json, W&B) and memhead.report can select.
+ALL_METRICS = METRICS + GEM_METRICS
+# Forgetting: lower is better; every other metric is better when higher.
+LOWER_IS_BETTER = frozenset({"avg_forgetting", "avg_forgetting_gem"})
 
 
 def avg_accuracy(R: np.ndarray, i: int) -> float:
@@ -41,14 +52,39 @@ def forward_transfer(R: np.ndarray, i: int) -> float:
     return float(2.0 / (T * (T - 1)) * np.sum(R[:T, :T][upper]))
 
 
-def all_metrics(R: np.ndarray, i: int) -> dict[str, float]:
-    """Every metric of ``METRICS`` after boundary ``i``."""
-    return {
+def avg_forgetting_gem(R: np.ndarray, i: int) -> float:
+    """Mean over ``j < i`` of ``R[j][j] - R[i][j]``: the drop since distribution ``j`` was learnt."""
+    if i == 0:
+        return 0.0
+    return float(np.mean(np.diag(R)[:i] - R[i, :i]))
+
+
+def backward_transfer_gem(R: np.ndarray, i: int) -> float:
+    """GEM's signed BWT: mean over ``j < i`` of ``R[i][j] - R[j][j]`` (negative when forgetting)."""
+    return -avg_forgetting_gem(R, i)
+
+
+def forward_transfer_gem(R: np.ndarray, i: int, baseline: np.ndarray) -> float:
+    """GEM's FWT: mean over ``0 < j <= i`` of ``R[j-1][j] - b[j]``, ``b`` the untrained model's accuracy."""
+    if i == 0:
+        return 0.0
+    j = np.arange(1, i + 1)
+    return float(np.mean(R[j - 1, j] - np.asarray(baseline, dtype=np.float64)[j]))
+
+
+def all_metrics(R: np.ndarray, i: int, baseline: np.ndarray | None = None) -> dict[str, float]:
+    """Every metric of ``ALL_METRICS`` after boundary ``i`` (``forward_transfer_gem`` needs ``baseline``)."""
+    values = {
         "avg_accuracy": avg_accuracy(R, i),
         "avg_forgetting": avg_forgetting(R, i),
         "backward_transfer": backward_transfer(R, i),
         "forward_transfer": forward_transfer(R, i),
+        "avg_forgetting_gem": avg_forgetting_gem(R, i),
+        "backward_transfer_gem": backward_transfer_gem(R, i),
     }
+    if baseline is not None:
+        values["forward_transfer_gem"] = forward_transfer_gem(R, i, baseline)
+    return values
 
 
 def matrix_rows(R: np.ndarray) -> list[list[float | None]]:

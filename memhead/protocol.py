@@ -91,6 +91,9 @@ class ProtocolState:
     boundaries: list[dict] = field(default_factory=list)
     last: dict[str, dict] = field(default_factory=dict)
     next_distribution: int = 0
+    # Accuracy of the untrained model on each distribution of each split (GEM's FWT baseline),
+    # measured once before the first sample; empty for a state saved before it was recorded.
+    initial: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def start(cls, stream: Stream) -> ProtocolState:
@@ -106,6 +109,7 @@ class ProtocolState:
             "boundaries": self.boundaries,
             "last": self.last,
             "next_distribution": self.next_distribution,
+            "initial": {name: torch.from_numpy(b.copy()) for name, b in self.initial.items()},
         }
 
     @classmethod
@@ -115,6 +119,7 @@ class ProtocolState:
             boundaries=list(state["boundaries"]),
             last=dict(state["last"]),
             next_distribution=int(state["next_distribution"]),
+            initial={name: b.numpy().astype(np.float64) for name, b in state.get("initial", {}).items()},
         )
 
 
@@ -127,6 +132,7 @@ class ProtocolResult:
     final: dict[str, dict]
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    initial: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 BoundaryCallback = Callable[[int, dict, torch.nn.Module, torch.optim.Optimizer, ProtocolState], None]
@@ -151,7 +157,8 @@ def run_protocol(
     Batches never cross a distribution boundary. A ``state`` from an earlier, interrupted call resumes
     at its ``next_distribution`` (the model, optimizer and competitor must hold the matching states).
     ``on_boundary(i, metrics_by_split, model, optimizer, state)`` runs after each boundary's evaluation
-    (checkpoints and trackers use it).
+    (checkpoints and trackers use it). A fresh start first evaluates the untrained model on every split
+    (``state.initial``, the baseline of ``forward_transfer_gem``).
     """
     timer = timer or Timer(stream.train.x.device)
     state = state or ProtocolState.start(stream)
@@ -170,6 +177,11 @@ def run_protocol(
         leave=False,
         dynamic_ncols=True,
     )
+    if state.next_distribution == 0 and not state.initial:
+        # The untrained model, before the first sample: the baseline of GEM's forward transfer.
+        for name, split in splits.items():
+            with timer.measure("eval_s", len(split)):
+                state.initial[name] = accuracy_per_distribution(model, split, chunk_size)
     for i in range(state.next_distribution, len(ends)):
         end = ends[i]
         with timer.measure("train_s", end - start):
@@ -194,7 +206,8 @@ def run_protocol(
             if i < split.num_distributions:
                 with timer.measure("eval_s", len(split)):
                     state.ccm[name][i] = accuracy_per_distribution(model, split, chunk_size)
-                state.last[name] = {"boundary": i, **metrics.all_metrics(state.ccm[name], i)}
+                values = metrics.all_metrics(state.ccm[name], i, state.initial.get(name))
+                state.last[name] = {"boundary": i, **values}
             row[name] = state.last[name]
         state.boundaries.append({"index": i, **row})
         state.next_distribution = i + 1
@@ -203,7 +216,12 @@ def run_protocol(
             on_boundary(i, row, model, optimizer, state)
     bar.close()
     return ProtocolResult(
-        ccm=state.ccm, boundaries=state.boundaries, final=state.last, model=model, optimizer=optimizer
+        ccm=state.ccm,
+        boundaries=state.boundaries,
+        final=state.last,
+        model=model,
+        optimizer=optimizer,
+        initial=state.initial,
     )
 
 

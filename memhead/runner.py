@@ -288,6 +288,7 @@ class Recorder:
             },
             "final_boundary": {split: values["boundary"] for split, values in state.last.items() if values},
             "boundaries": state.boundaries,
+            "initial_accuracy": {split: matrix_rows(b[None])[0] for split, b in state.initial.items()},
             "timing": self.timing(),
             "competitor": self.learner.competitor.summary(),
             "seed": self.plan.seed,
@@ -409,7 +410,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
                 state=state,
                 on_boundary=on_boundary,
             )
-        record = recorder.finish(ProtocolState(result.ccm, result.boundaries, result.final))
+        record = recorder.finish(
+            ProtocolState(result.ccm, result.boundaries, result.final, initial=result.initial)
+        )
         images = []
         if cfg.plots.enabled:
             images = save_run_plots(out_dir, record, result.model, stream, initial_keys)

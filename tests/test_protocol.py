@@ -162,3 +162,64 @@ def test_hinge_loss_is_the_papers_sum():
     y = torch.tensor([0, 1])
     # t = [[1,-1,-1],[-1,1,-1]]; max(0, -t*o) = [[0,0,0.5],[0,0,1.0]] -> 1.5
     assert hinge_loss(logits, y).item() == pytest.approx(1.5)
+
+
+def weak_inverted_sign_model():
+    """Predicts the opposite of :func:`sign_model`, weakly enough for the first distribution to change it."""
+    model = sign_model()
+    with torch.no_grad():
+        model.weight.mul_(-0.1)
+    return model
+
+
+def test_the_untrained_model_is_evaluated_once_before_the_first_sample():
+    stream, arrays = make_stream([0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 0, 1, 1], [0, 0, 1, 2, 2, 2])
+    model = weak_inverted_sign_model()
+    result = run_protocol(
+        model, torch.optim.SGD(model.parameters(), lr=0.5), plain_training(), stream, xent_loss
+    )
+    for name in ("train", "val", "test"):
+        # Before training the model predicts the opposite of the sign model: known accuracies.
+        np.testing.assert_allclose(result.initial[name], 1 - expected_accuracy(arrays, name))
+    R, b = result.ccm["test"], result.initial["test"]
+    assert not np.allclose(R[0], b)  # training changed the model, so the baseline is not row 0
+    assert result.final["test"]["forward_transfer_gem"] == pytest.approx(
+        ((R[0, 1] - b[1]) + (R[1, 2] - b[2])) / 2
+    )
+
+
+def test_a_resumed_state_keeps_the_untrained_baseline():
+    stream, _ = make_stream([0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 0, 1, 1], [0, 0, 1, 2, 2, 2])
+
+    def fresh():
+        model = weak_inverted_sign_model()
+        return model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+    model, opt = fresh()
+    reference = run_protocol(model, opt, plain_training(), stream, xent_loss)
+
+    saved = {}
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(i, row, model, optimizer, state):
+        saved.update(model=model.state_dict(), opt=optimizer.state_dict(), state=state.state_dict())
+        raise Stop
+
+    model, opt = fresh()
+    with pytest.raises(Stop):
+        run_protocol(model, opt, plain_training(), stream, xent_loss, on_boundary=stop_after_first)
+    from memhead.protocol import ProtocolState
+
+    model, opt = fresh()
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    # Evaluating the (now trained) model again on resume would give another baseline.
+    assert not np.array_equal(np.asarray(saved["state"]["ccm"]["test"][0]), reference.initial["test"])
+    resumed = run_protocol(
+        model, opt, plain_training(), stream, xent_loss, state=ProtocolState.from_state_dict(saved["state"])
+    )
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(resumed.initial[name], reference.initial[name])
+    assert resumed.final == reference.final

@@ -7,9 +7,10 @@ import pytest
 from conftest import PAPER_2D, need_shared
 from test_config import GROUP_OPTIONS
 
+from memhead.metrics import ALL_METRICS
 from memhead.runner import run
 
-METRIC_KEYS = {"avg_accuracy", "avg_forgetting", "backward_transfer", "forward_transfer"}
+METRIC_KEYS = set(ALL_METRICS)  # the paper's convention and GEM's
 
 
 def check_record(record, out_dir, num_dists=8, num_val=4):
@@ -21,6 +22,8 @@ def check_record(record, out_dir, num_dists=8, num_val=4):
         assert 0.0 <= final["avg_accuracy"] <= 1.0 and final["backward_transfer"] >= 0.0
         assert -1.0 <= final["avg_forgetting"] <= 1.0
     assert len(record["ccm"]["train"]) == num_dists and len(record["ccm"]["val"]) == num_val
+    # The untrained model's accuracy on every distribution of every split (GEM's FWT baseline).
+    assert [len(record["initial_accuracy"][s]) for s in ("train", "val")] == [num_dists, num_val]
     assert [b["index"] for b in record["boundaries"]] == list(range(num_dists))
     assert set(record["timing"]) == {
         "train_s",
