@@ -99,7 +99,7 @@ def test_provenance_is_recorded_and_not_part_of_the_identity(tiny_cfg, tmp_path,
     record = run(tiny_cfg("model=lp"), tmp_path)
     prov = record["provenance"]
     assert set(prov["packages"]) == {"torch", "hydra-core", "numpy", "memhead"}
-    assert prov["packages"]["torch"] == torch.__version__
+    assert prov["packages"]["torch"] == torch.__version__.split("+")[0]
     assert prov["python"] == ".".join(map(str, sys.version_info[:3])) and prov["argv"] == sys.argv
     if (REPO / ".git").exists():
         assert len(prov["git_commit"]) == 40 and isinstance(prov["git_dirty"], bool)
