@@ -21,6 +21,8 @@ class Benchmark:
     check: Callable[[object], None]
     input_features: Callable[[object], int]
     build: Callable[[object, torch.device, bool], dict[str, np.ndarray]]
+    # Options naming files or folders: made absolute against the launch directory before use.
+    paths: tuple[str, ...] = ()
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
@@ -51,6 +53,7 @@ def _features() -> Benchmark:
         check=lambda cfg: npz_feature_count(cfg.path),
         input_features=lambda cfg: npz_feature_count(cfg.path),
         build=lambda cfg, device, progress: load_npz(cfg.path),
+        paths=("path",),
     )
 
 
@@ -65,6 +68,7 @@ def _ns_imagenet() -> Benchmark:
         check=lambda cfg: module().check(cfg),
         input_features=lambda cfg: module().input_features(cfg),
         build=lambda cfg, device, progress: module().build(cfg, device=device, progress=progress),
+        paths=("root", "cache_dir"),
     )
 
 

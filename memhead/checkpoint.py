@@ -8,6 +8,9 @@ Files are loaded with ``weights_only=True``: tensors and plain containers only, 
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import os
 import random
 import tempfile
@@ -18,7 +21,15 @@ import torch
 
 from memhead.registry import ConfigError
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the newest, in case the newest is damaged
+# A file is this line, the sha256 of the rest in hex and a newline, then torch.save's bytes: torch does
+# not check its zip records' CRCs, so a flipped byte inside a tensor would load silently.
+MAGIC = b"memhead-checkpoint sha256\n"
+# Temporary files a kill during a write can leave behind (see save and runner.write_json_atomic).
+STALE = (".checkpoint.pt.*.tmp", ".metrics.json.*.tmp")
 
 # Options that may change between the interrupted run and its continuation.
 VOLATILE = ("progress", "logger", "checkpoint", "plots")
@@ -99,19 +110,66 @@ def restore(saved: dict, *, model, optimizer, competitor, timer, generator: torc
 
 
 def save(path: Path, payload: dict) -> None:
-    """``torch.save`` through a temporary file in the same folder, so a kill never leaves half a file."""
+    """Write ``payload`` with its checksum through a temporary file in the same folder (a kill never
+    leaves half a file); the checkpoint it replaces becomes ``checkpoint.prev.pt``."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    digest = hashlib.sha256(data).hexdigest().encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(MAGIC + digest + b"\n")
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.is_file():
+            os.replace(path, path.with_name(PREVIOUS))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint file that cannot be trusted (empty, truncated, altered, not memhead's)."""
+
+
 def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The payload of ``path`` after its checksum is verified; raises :class:`DamagedCheckpoint`."""
+    raw = path.read_bytes()
+    head_len = len(MAGIC) + 64 + 1
+    if not raw.startswith(MAGIC) or len(raw) < head_len:
+        raise DamagedCheckpoint("empty, truncated or not a memhead checkpoint")
+    digest, data = raw[len(MAGIC) : head_len - 1], memoryview(raw)[head_len:]
+    if hashlib.sha256(data).hexdigest().encode() != digest:
+        raise DamagedCheckpoint("checksum mismatch")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable payload is damaged
+        raise DamagedCheckpoint(f"unreadable ({type(err).__name__})") from err
+
+
+def load_usable(run_dir: Path) -> dict | None:
+    """The newest checkpoint of ``run_dir`` that verifies (the previous one if the newest fails), or
+    None; each failure is said in one line."""
+    newest, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
+    for path, fallback in ((newest, previous), (previous, None)):
+        if not path.is_file():
+            continue
+        try:
+            return load(path)
+        except (DamagedCheckpoint, OSError) as err:
+            then = f"falling back to {fallback.name}" if fallback and fallback.is_file() else "starting over"
+            log.warning("%s is unusable (%s); %s", path, err, then)
+    return None
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files of writes a kill interrupted (they are never read)."""
+    for pattern in STALE:
+        for path in run_dir.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def comparable(config: dict) -> dict:

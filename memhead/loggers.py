@@ -86,7 +86,8 @@ class WandbLogger(NullLogger):
                 group=cfg.group or group,
                 name=name,
                 tags=list(cfg.tags),
-                dir=run_dir,
+                # W&B's convention: WANDB_DIR wins when set; otherwise beside the run's own files.
+                dir=os.environ.get("WANDB_DIR") or run_dir,
                 config=config,
                 reinit="create_new",
             )

@@ -133,14 +133,75 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def finished_record(path: Path) -> dict | None:
-    """The record of a finished run in ``path``, or None (no file, or only a partial one)."""
+    """The record of a finished run in ``path``, or None (no file, a partial or a malformed one)."""
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        log.warning("%s is unreadable (%s); treated as not finished", path, type(err).__name__)
         return None
-    return record if record.get("complete") else None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        if isinstance(record, dict) and not record.get("complete"):
+            return None
+        log.warning("%s is not a memhead record; treated as not finished", path)
+        return None
+    return record if record.get("complete") is True else None
+
+
+def provenance() -> dict:
+    """Where a record comes from: code version, packages, host, command line (never part of identity)."""
+    import platform
+    import socket
+    import subprocess
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(Path(__file__).resolve().parents[1]), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": bool(status.strip()) if status is not None else None,
+        "packages": {name: version(name) for name in ("torch", "hydra-core", "numpy", "memhead")},
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "argv": list(sys.argv),
+    }
+
+
+def resolve_paths(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` whose benchmark path options are absolute (relative to where the run was
+    launched, also under ``hydra.job.chdir=true``)."""
+    from hydra.utils import to_absolute_path
+
+    from data.benchmarks import BENCHMARKS
+
+    names = BENCHMARKS.get(cfg.benchmark.name).paths
+    if not any(cfg.benchmark.get(name) for name in names):
+        return cfg
+    cfg = cfg.copy()
+    for name in names:
+        value = cfg.benchmark.get(name)
+        if value:
+            cfg.benchmark[name] = to_absolute_path(str(Path(str(value)).expanduser()))
+    return cfg
 
 
 @dataclass
@@ -153,6 +214,7 @@ class RunPlan:
     config: dict  # the resolved configuration, with the seed actually used
     saved: dict | None  # the checkpoint to resume from
     done: dict | None  # the record of a finished run: nothing left to do
+    provenance: dict | None = None  # code, packages, host, command line of this process
 
     @property
     def metrics_path(self) -> Path:
@@ -163,21 +225,24 @@ def prepare(cfg: DictConfig, out_dir: str | Path | None) -> RunPlan:
     """Check the configuration, settle the seed, and find what the run directory already holds."""
     from memhead import checkpoint
 
+    given = cfg
+    cfg = resolve_paths(cfg)
     check_config(cfg)
     out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / checkpoint.CHECKPOINT
-    saved = checkpoint.load(ckpt_path) if cfg.checkpoint.enabled and ckpt_path.is_file() else None
-    # A time-based seed is drawn once: a resumed run keeps the seed it started with.
-    seed = saved["seed"] if saved is not None and cfg.seed < 0 else resolve_seed(cfg.seed)
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    config["seed"] = seed
+    saved = checkpoint.load_usable(out_dir) if cfg.checkpoint.enabled else None
     done = finished_record(out_dir / "metrics.json") if cfg.checkpoint.enabled else None
+    # A time-based seed is drawn once: a resumed or finished run keeps the seed it started with.
+    recorded = saved if saved is not None else done
+    seed = int(recorded["seed"]) if recorded is not None and cfg.seed < 0 else resolve_seed(cfg.seed)
+    # The identity of the run is what the user gave (paths as written); the record adds where they led.
+    config = OmegaConf.to_container(given, resolve=True, enum_to_str=True)
+    config["seed"] = seed
     if done is not None:
         checkpoint.check_same_run(out_dir, done["config"], config)
     elif saved is not None:
         checkpoint.check_same_run(out_dir, saved["config"], config)
-    return RunPlan(cfg, out_dir, seed, config, saved, done)
+    return RunPlan(cfg, out_dir, seed, config, saved, done, provenance())
 
 
 def build_stream(cfg: DictConfig, device: torch.device, progress: bool):
@@ -277,6 +342,7 @@ class Recorder:
         }
 
     def record(self, state, complete: bool) -> dict:
+        from data.benchmarks import BENCHMARKS
         from memhead.metrics import matrix_rows
 
         record = {
@@ -294,6 +360,12 @@ class Recorder:
             "seed": self.plan.seed,
             "device": str(self.device),
             "config": self.plan.config,
+            "paths": {
+                f"benchmark.{name}": self.plan.cfg.benchmark[name]
+                for name in BENCHMARKS.get(self.plan.cfg.benchmark.name).paths
+                if self.plan.cfg.benchmark.get(name)
+            },
+            "provenance": self.plan.provenance,
         }
         if complete:  # the matrices are large on long streams: the checkpoint holds them until the end
             record["ccm"] = {split: matrix_rows(matrix) for split, matrix in state.ccm.items()}
@@ -367,6 +439,10 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
     if plan.done is not None:
         log.info("%s already holds this run, finished: nothing to do", plan.metrics_path)
         return plan.done
+    cfg = plan.cfg  # paths resolved
+    from memhead import checkpoint
+
+    checkpoint.remove_stale_temporaries(plan.out_dir)
 
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
