@@ -95,10 +95,13 @@ def check_group(cfgs: list[DictConfig]) -> None:
         raise ConfigError(f"these runs cannot train as a population: {reason}")
 
 
-def run_population(cfgs: list[DictConfig], out_dirs: list[str | Path]) -> list[dict]:
+def run_population(
+    cfgs: list[DictConfig], out_dirs: list[str | Path], *, models_out: list | None = None
+) -> list[dict]:
     """Run every config (one group) as one population; returns each run's ``metrics.json`` record.
 
-    Runs whose directory already holds a finished record are not run again.
+    Runs whose directory already holds a finished record are not run again. ``models_out``, a list,
+    receives the final model of each run that ran (its run-alone module, holding the member's state).
     """
     t_start = time.perf_counter()
     check_group(cfgs)
@@ -149,6 +152,8 @@ def run_population(cfgs: list[DictConfig], out_dirs: list[str | Path]) -> list[d
 
             save_run_plots(plan.out_dir, record, learner.model, stream, initial_keys[j])
         records[todo[j]] = record
+        if models_out is not None:
+            models_out.append(learner.model)
     _log_population_summary([records[i] for i in todo], size)
     return records
 
