@@ -1,0 +1,158 @@
+"""``hydra/launcher=population``: the sweep's jobs grouped into populations (``memhead.population``).
+
+Each job's config is composed as Hydra's basic launcher composes it, and its directory gets the same
+``.hydra/`` files (through :func:`hydra.core.utils.run_job`, with a task function that only collects
+the job). Jobs whose configs are equal except for member options form a group; each group trains as
+one population (split into populations of at most ``max_members``); a group that populations cannot
+train runs its jobs one by one through the sweep's own task function.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PopulationLauncherConf:
+    _target_: str = "hydra_plugins.memhead_population.population_launcher.PopulationLauncher"
+    # Most runs in one population (null: a whole group); larger groups are split.
+    max_members: Any = None
+    # Where groups run: inline (this process, one group after the other).
+    executor: str = "inline"
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="population", node=PopulationLauncherConf)
+
+EXECUTORS = ("inline",)
+
+
+@dataclass
+class Job:
+    """One job of the sweep: its number, overrides, composed config and, once set up, its return."""
+
+    idx: int
+    overrides: list[str]
+    config: DictConfig
+    ret: JobReturn | None = None
+
+
+def _collect(task_cfg: DictConfig):
+    """The task function of the set-up pass: the job's directory is ready, nothing runs yet."""
+    return None
+
+
+def split(members: list, max_members: int | None) -> list[list]:
+    """``members`` in consecutive chunks of at most ``max_members`` (all of them for ``None``)."""
+    if not max_members:
+        return [members]
+    return [members[i : i + max_members] for i in range(0, len(members), max_members)]
+
+
+class PopulationLauncher(Launcher):
+    def __init__(self, max_members: int | None = None, executor: str = "inline") -> None:
+        super().__init__()
+        if max_members is not None and (isinstance(max_members, bool) or int(max_members) < 1):
+            raise ValueError(
+                f"hydra.launcher.max_members={max_members} is not allowed; allowed: null or >= 1"
+            )
+        if executor not in EXECUTORS:
+            raise ValueError(
+                f"hydra.launcher.executor={executor!r} is not allowed; allowed: {', '.join(EXECUTORS)}"
+            )
+        self.max_members = None if max_members is None else int(max_members)
+        self.executor = executor
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def _compose(self, idx: int, overrides: list[str]) -> DictConfig:
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        return sweep_config
+
+    def _run_job(self, job: Job, task_function) -> JobReturn:
+        ret = run_job(
+            hydra_context=self.hydra_context,
+            task_function=task_function,
+            config=job.config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return ret
+
+    def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+        from memhead.population.members import group_key, unsupported
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        jobs = [
+            Job(initial_job_idx + i, list(overrides), self._compose(initial_job_idx + i, overrides))
+            for i, overrides in enumerate(job_overrides)
+        ]
+        groups: dict[str, list[Job]] = {}
+        reasons: dict[str, str | None] = {}
+        for job in jobs:
+            task = job.config.copy()
+            with open_dict(task):
+                del task["hydra"]
+            key = group_key(task)
+            groups.setdefault(key, []).append(job)
+            reasons.setdefault(key, unsupported(task))
+        batched = sum(1 for key in groups if reasons[key] is None)
+        log.info(
+            "Launching %d jobs as %d groups (%d as populations, %d one by one)",
+            len(jobs), len(groups), batched, len(groups) - batched,
+        )  # fmt: skip
+        for number, (key, members) in enumerate(groups.items()):
+            names = ", ".join(f"#{job.idx}" for job in members)
+            if reasons[key] is not None:
+                log.info(
+                    "group %d (%d jobs: %s) runs one by one: %s", number, len(members), names, reasons[key]
+                )
+                for job in members:
+                    log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
+                    job.ret = self._run_job(job, self.task_function)
+                continue
+            for part in split(members, self.max_members):
+                log.info(
+                    "group %d: a population of %d jobs (%s)",
+                    number,
+                    len(part),
+                    ", ".join(f"#{j.idx}" for j in part),
+                )
+                self._run_population(part)
+        return [job.ret for job in jobs]
+
+    def _run_population(self, jobs: list[Job]) -> None:
+        from memhead.population.run import run_population
+
+        for job in jobs:  # directories and .hydra/ files, as the basic launcher writes them
+            job.ret = self._run_job(job, _collect)
+        try:
+            records = run_population(
+                [job.ret.cfg for job in jobs], [job.ret.hydra_cfg.hydra.runtime.output_dir for job in jobs]
+            )
+        except Exception as err:  # the population failed: so did each of its jobs
+            log.exception("population of jobs %s failed", [job.idx for job in jobs])
+            for job in jobs:
+                job.ret.status, job.ret.return_value = JobStatus.FAILED, err
+            return
+        for job, record in zip(jobs, records):
+            job.ret.status = JobStatus.COMPLETED
+            job.ret.return_value = record["final"]["test"]["avg_accuracy"]

@@ -1,0 +1,181 @@
+"""Populations: each member equals the run it replaces (2-D, exact), and the population launcher."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, compose_config
+
+from memhead.population.members import group_key, unsupported
+from memhead.population.optim import PopulationAdam, PopulationSGD
+from memhead.population.run import run_population
+from memhead.registry import ConfigError
+from memhead.runner import run
+
+TINY = ["progress=false", "benchmark.n=120"]
+# Members with different seeds and scalar options (lr, weight decay, beta, gamma, tau, sigma).
+MIXED = [
+    ["seed=1"],
+    ["seed=2", "optimizer.lr=0.001", "optimizer.weight_decay=0.01"],
+    ["seed=3", "model.beta_k=0.001", "model.gamma_alpha=5", "model.tau_alpha=0.7", "model.tau_mu=20"],
+    ["seed=1", "model.tau_eta=10", "model.sigma_eu=0.5", "optimizer.weight_decay=0.001"],
+]
+PLAIN = [["seed=1"], ["seed=2", "optimizer.lr=0.001"], ["seed=3", "optimizer.weight_decay=0.01"]]
+
+
+def assert_members_equal_single_runs(tmp_path, base, members):
+    cfgs = [compose_config([*base, *TINY, *m]) for m in members]
+    population = run_population(cfgs, [tmp_path / f"member{i}" for i in range(len(cfgs))])
+    for i, (cfg, record) in enumerate(zip(cfgs, population)):
+        alone = run(cfg, tmp_path / f"alone{i}")
+        assert record["ccm"] == alone["ccm"]  # every accuracy at every boundary, exactly
+        assert record["final"] == alone["final"] and record["boundaries"] == alone["boundaries"]
+        assert record["config"] == alone["config"] and record["competitor"] == alone["competitor"]
+        assert record["timing"]["population"] == len(cfgs)
+        on_disk = json.loads((tmp_path / f"member{i}" / "metrics.json").read_text())
+        assert on_disk["complete"] and on_disk["ccm"] == alone["ccm"]
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        ["model=mh"],
+        ["model=mh", "model.distance=cosine", "model.shared_keys=false", "model.upd_m=vanilla"],
+        ["model=mh", "model.distance=dot_scaled", "model.hidden=5", "stream.batch_size=4"],
+        ["model=mh", "model.layer_norm=true", "model.random_memories=true", "loss=hinge"],
+        ["model=mh", "model.upd_k=grad_WTA", "model.scramble=false", "model.delta=3"],
+        ["model=mh", "model.upd_k=grad_not_WTA", "model.scramble=false", "model.distance=cosine"],
+        ["model=mh", "optimizer=sgd", "optimizer.momentum=0.9"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_memory_head_members_equal_their_runs_alone(tmp_path, base):
+    assert_members_equal_single_runs(tmp_path, base, MIXED)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [["model=lp"], ["model=mlp"], ["model=mlp", "competitor=ensemble"], ["model=lp", "optimizer=sgd"]],
+    ids=lambda o: " ".join(o),
+)
+def test_plain_heads_members_equal_their_runs_alone(tmp_path, base):
+    assert_members_equal_single_runs(tmp_path, base, PLAIN)
+
+
+def test_final_member_state_equals_the_run_alone(tmp_path):
+    """Not only the metrics: a member's trained keys, memories and counters are the run's, bitwise."""
+    from memhead.protocol import run_protocol
+    from memhead.runner import build_learner, build_stream, resolve_device, seed_everything
+
+    cfgs = [compose_config(["model=mh", *TINY, *m]) for m in MIXED]
+    models = []
+    run_population(cfgs, [tmp_path / f"m{i}" for i in range(len(cfgs))], models_out=models)
+    for cfg, member in zip(cfgs, models):
+        device = resolve_device(cfg.device)
+        stream, _ = build_stream(cfg, device, False)
+        learner = build_learner(cfg, stream, device, seed_everything(cfg.seed))
+        result = run_protocol(learner.model, learner.optimizer, learner.competitor, stream, learner.loss_fn)
+        alone = result.model.state_dict()
+        state = {"memories", "keys", "usage", "age", "scramble_count"}
+        assert set(member.state_dict()) == set(alone) == state
+        for name, value in member.state_dict().items():
+            assert torch.equal(value, alone[name]), name
+
+
+def test_finished_members_are_not_run_again(tmp_path, caplog):
+    cfgs = [compose_config(["model=lp", *TINY, *m]) for m in PLAIN]
+    dirs = [tmp_path / f"m{i}" for i in range(len(cfgs))]
+    first = run_population(cfgs[:2], dirs[:2])
+    caplog.set_level("INFO")
+    again = run_population(cfgs, dirs)
+    assert again[:2] == first and again[2]["timing"]["population"] == 1
+    assert "2 of 3 runs already finished" in caplog.text
+
+
+def test_groups_are_everything_but_member_options():
+    a = compose_config(["seed=1", "optimizer.lr=0.1", "model.beta_k=0.5"])
+    b = compose_config(["seed=7", "optimizer.lr=0.001", "model.tau_eta=3"])
+    assert group_key(a) == group_key(b)
+    assert group_key(a) != group_key(compose_config(["model.delta=3"]))
+    assert group_key(a) != group_key(compose_config(["benchmark.order=IID"]))
+    assert unsupported(a) is None
+    assert "competitor=mir" in unsupported(compose_config(["competitor=mir"]))
+    with pytest.raises(ConfigError, match="member options"):
+        run_population([a, compose_config(["model.delta=3"])], ["/nonexistent/a", "/nonexistent/b"])
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_population_optimizer_is_torch_optimizer_per_member(kind, fused):
+    """Per-member lr and weight decay: each member's slice steps as torch's optimizer steps it alone
+    (fused: as torch's fused kernel; vectorised: as its single-tensor step), bitwise."""
+    torch.manual_seed(0)
+    lrs, wds = [0.01, 0.001, 0.01, 0.1], [0.0, 0.001, 0.0, 0.01]
+    start = [torch.randn(4, 5, 3), torch.randn(4, 7)]
+    population = [t.clone().requires_grad_() for t in start]
+    alone = [[t[p].clone().requires_grad_() for t in start] for p in range(4)]
+    if kind == "adam":
+        opt = PopulationAdam(population, lrs, wds, fused=fused)
+        singles = [torch.optim.Adam(a, lr=rate, weight_decay=w, fused=fused or None, foreach=False)
+                   for a, rate, w in zip(alone, lrs, wds)]  # fmt: skip
+    else:
+        opt = PopulationSGD(population, lrs, wds, momentum=0.9, fused=fused)
+        singles = [torch.optim.SGD(a, lr=rate, weight_decay=w, momentum=0.9, fused=fused or None)
+                   for a, rate, w in zip(alone, lrs, wds)]  # fmt: skip
+    for _ in range(20):
+        grads = [torch.randn_like(t) for t in start]
+        for t, g in zip(population, grads):
+            t.grad = g.clone()
+        for p in range(4):
+            for t, g in zip(alone[p], grads):
+                t.grad = g[p].clone()
+        opt.step()
+        for single in singles:
+            single.step()
+    for p in range(4):
+        for t, a in zip(population, alone[p]):
+            assert torch.equal(t[p], a)
+
+
+def _multirun(tmp_path, name, *overrides):
+    command = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={tmp_path / name}", *TINY, *overrides]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _records(sweep_dir):
+    return {
+        path.parent.name: json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/metrics.json"))
+    }
+
+
+@pytest.mark.slow
+def test_launcher_equals_basic_launcher_and_falls_back(tmp_path):
+    """A mixed sweep: mh and mlp groups train as populations, the mir group runs one by one; every
+    job's directory, .hydra/ files and metrics equal those of the basic launcher's sweep."""
+    sweep = ["model=mh,mlp", "competitor=none,mir", "seed=1,2", "optimizer.lr=0.01,0.001", "model.hidden=4"]
+    out = _multirun(tmp_path, "population", *sweep, "hydra/launcher=population")
+    _multirun(tmp_path, "basic", *sweep)
+    assert "as 4 groups (2 as populations, 2 one by one)" in out
+    assert "competitor=mir" in out
+    population, basic = _records(tmp_path / "population"), _records(tmp_path / "basic")
+    assert sorted(population) == sorted(basic) and len(population) == 16
+    for job, record in basic.items():
+        assert population[job]["ccm"] == record["ccm"] and population[job]["config"] == record["config"]
+        for name in ("config.yaml", "overrides.yaml"):
+            mine = (tmp_path / "population" / job / ".hydra" / name).read_text()
+            assert mine == (tmp_path / "basic" / job / ".hydra" / name).read_text()
+    report = subprocess.run(
+        [sys.executable, "-m", "memhead.report", str(tmp_path / "population")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    reference = subprocess.run(
+        [sys.executable, "-m", "memhead.report", str(tmp_path / "basic")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert report.returncode == 0 and report.stdout == reference.stdout.replace(
+        str(tmp_path / "basic"), str(tmp_path / "population")
+    )
