@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from memhead.config import prepare_arguments, register_configs
 from memhead.registry import ConfigError
+from memhead.run_dir import Preempted
 from memhead.runner import run
 
 register_configs()
@@ -44,6 +45,10 @@ def main(cfg: DictConfig) -> float:
         # A bad option is the user's to fix: one line, no traceback.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as err:
+        # A cluster's preemption: the checkpoint is written; a requeued job resumes from it.
+        print(f"memhead: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
     # What a Hydra sweeper would optimise.
     return record["final"]["test"]["avg_accuracy"]
 

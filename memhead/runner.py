@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from memhead import run_dir
 from memhead.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,12 @@ class RunPlan:
     saved: dict | None  # the checkpoint to resume from
     done: dict | None  # the record of a finished run: nothing left to do
     provenance: dict | None = None  # code, packages, host, command line of this process
+    lock: object = None  # the open lock file of the run directory (see memhead.run_dir.lock)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     @property
     def metrics_path(self) -> Path:
@@ -223,13 +230,23 @@ class RunPlan:
 
 def prepare(cfg: DictConfig, out_dir: str | Path | None) -> RunPlan:
     """Check the configuration, settle the seed, and find what the run directory already holds."""
-    from memhead import checkpoint
 
     given = cfg
     cfg = resolve_paths(cfg)
     check_config(cfg)
     out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
+    held = run_dir.lock(out_dir)
+    try:
+        return _settle(cfg, given, out_dir, held)
+    except BaseException:
+        held.close()
+        raise
+
+
+def _settle(cfg: DictConfig, given: DictConfig, out_dir: Path, held) -> RunPlan:
+    from memhead import checkpoint
+
     saved = checkpoint.load_usable(out_dir) if cfg.checkpoint.enabled else None
     done = finished_record(out_dir / "metrics.json") if cfg.checkpoint.enabled else None
     # A time-based seed is drawn once: a resumed or finished run keeps the seed it started with.
@@ -242,7 +259,7 @@ def prepare(cfg: DictConfig, out_dir: str | Path | None) -> RunPlan:
         checkpoint.check_same_run(out_dir, done["config"], config)
     elif saved is not None:
         checkpoint.check_same_run(out_dir, saved["config"], config)
-    return RunPlan(cfg, out_dir, seed, config, saved, done, provenance())
+    return RunPlan(cfg, out_dir, seed, config, saved, done, provenance(), held)
 
 
 def build_stream(cfg: DictConfig, device: torch.device, progress: bool):
@@ -422,6 +439,19 @@ def log_summary(record: dict) -> None:
     )
 
 
+def stop_for_preemption(recorder: Recorder, model, optimizer, state, preemption) -> None:
+    """Checkpoint at this boundary (unless one was just written), hand the signal on, and stop."""
+    if recorder.plan.cfg.checkpoint.enabled:
+        recorder.save_checkpoint(model, optimizer, state)
+    where = (
+        f"it resumes from {recorder.plan.out_dir} after boundary {state.next_distribution - 1}"
+        if recorder.plan.cfg.checkpoint.enabled
+        else "checkpoint.enabled=false: it starts over when relaunched"
+    )
+    preemption.hand_on()
+    raise run_dir.Preempted(preemption.signum, f"stopped by signal {preemption.signum}; {where}")
+
+
 def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None = None) -> dict:
     """Run the online protocol for ``cfg`` in ``out_dir`` and return the ``metrics.json`` record.
 
@@ -430,15 +460,24 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
     With ``checkpoint.enabled`` the run continues from ``out_dir/checkpoint.pt`` when one is there, and
     a run whose ``metrics.json`` is complete is not run again.
     """
+
+    t_start = time.perf_counter()
+    plan = prepare(cfg, out_dir)
+    try:
+        if plan.done is not None:
+            log.info("%s already holds this run, finished: nothing to do", plan.metrics_path)
+            return plan.done
+        with run_dir.Preemption() as preemption:
+            return _run_planned(plan, group, t_start, preemption)
+    finally:
+        plan.release()
+
+
+def _run_planned(plan: RunPlan, group: str | None, t_start: float, preemption) -> dict:
     from memhead.loggers import make_logger
     from memhead.plots import has_planar_inputs, save_boundary_plot, save_run_plots, snapshot_keys
     from memhead.protocol import ProtocolState, Timer, run_protocol
 
-    t_start = time.perf_counter()
-    plan = prepare(cfg, out_dir)
-    if plan.done is not None:
-        log.info("%s already holds this run, finished: nothing to do", plan.metrics_path)
-        return plan.done
     cfg = plan.cfg  # paths resolved
     from memhead import checkpoint
 
@@ -470,6 +509,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
             images.append(save_boundary_plot(out_dir, i, model, stream, initial_keys))
         tracker.log_boundary(i, row, model=model, images=images)
         recorder.at_boundary(i, model, optimizer, state, stream.num_distributions)
+        if preemption.signum is not None and state.next_distribution < stream.num_distributions:
+            stop_for_preemption(recorder, model, optimizer, state, preemption)
 
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not through it

@@ -11,6 +11,7 @@ import torch
 from conftest import REPO
 
 from memhead import checkpoint, loggers
+from memhead.registry import ConfigError
 from memhead.runner import run
 
 INTERRUPTIBLE = ("model=mh", "competitor=er_reservoir", "competitor.buffer_size=8", "seed=4")
@@ -157,3 +158,69 @@ def test_relative_paths_survive_hydra_job_chdir(tmp_path):
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["config"]["benchmark"]["path"] == "stream.npz"  # as given
     assert record["paths"] == {"benchmark.path": str(tmp_path / "stream.npz")}  # where it led
+
+
+def test_a_second_process_is_refused_a_directory_in_use(tiny_cfg, tmp_path):
+    from memhead import run_dir
+
+    held = run_dir.lock(tmp_path)  # as another process's run would hold it
+    try:
+        with pytest.raises(ConfigError, match=r"in use by another memhead process \(pid \d+\)"):
+            run(tiny_cfg(), tmp_path)
+        assert not (tmp_path / "metrics.json").exists()
+    finally:
+        held.close()
+    assert run(tiny_cfg(), tmp_path)["complete"]  # released: the directory is free again
+
+
+@pytest.mark.slow
+def test_concurrent_launches_never_share_a_directory(tmp_path):
+    """Three runs started at once with the default run directory: three directories, three records."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "run.py"), f"seed={s}", "benchmark.n=200", "progress=false"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for s in (1, 2, 3)
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    records = sorted((tmp_path / "outputs").glob("*/*/metrics.json"))
+    assert len(records) == 3
+    assert sorted(json.loads(r.read_text())["seed"] for r in records) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_boundary_and_resumes_exactly(tmp_path):
+    """A cluster's SIGTERM: the run checkpoints, exits 143 with one line, and resumes to the same result."""
+    import signal
+    import time
+
+    from conftest import compose_config
+
+    args = [*INTERRUPTIBLE, "benchmark.n=4000", "progress=false"]  # default, time-spaced checkpoints
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cut = tmp_path / "cut"
+    command = [sys.executable, "run.py", *args, f"hydra.run.dir={cut}"]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (cut / "metrics.json").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the signal: make the stream longer"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 143 and "stopped by signal" in lines[-1] and "resumes from" in lines[-1]
+    partial = json.loads((cut / "metrics.json").read_text())
+    assert not partial["complete"] and len(partial["boundaries"]) < 8
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = run(compose_config(args), tmp_path / "reference")
+    after = json.loads((cut / "metrics.json").read_text())
+    assert after["complete"]
+    for key in ("final", "ccm", "boundaries", "competitor"):
+        assert after[key] == reference[key], key

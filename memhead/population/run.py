@@ -105,7 +105,17 @@ def run_population(
     """
     t_start = time.perf_counter()
     check_group(cfgs)
-    plans = [runner.prepare(cfg, out_dir) for cfg, out_dir in zip(cfgs, out_dirs)]
+    plans: list[runner.RunPlan] = []
+    try:  # each member holds its run directory's lock until the population ends
+        for cfg, out_dir in zip(cfgs, out_dirs):
+            plans.append(runner.prepare(cfg, out_dir))
+        return _run_prepared(plans, t_start, models_out)
+    finally:
+        for plan in plans:
+            plan.release()
+
+
+def _run_prepared(plans: list, t_start: float, models_out: list | None) -> list[dict]:
     records: list[dict | None] = [plan.done for plan in plans]
     todo = [i for i, plan in enumerate(plans) if plan.done is None]
     if len(todo) < len(plans):
