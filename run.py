@@ -9,7 +9,9 @@ Examples::
 
 from __future__ import annotations
 
+import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -20,8 +22,9 @@ from memhead.run_dir import Preempted
 from memhead.runner import run
 
 register_configs()
+log = logging.getLogger("run")
 
-__all__ = ["main", "run"]
+__all__ = ["cli", "main", "run"]
 
 
 # Overrides that do not change what a run computes, left out of its tracking group.
@@ -34,29 +37,165 @@ def sweep_group(overrides: list[str]) -> str | None:
     return ",".join(sorted(kept)) or None
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    from hydra.core.hydra_config import HydraConfig
+def _job_name(hydra_cfg) -> str:
+    overrides = " ".join(hydra_cfg.overrides.task)
+    return f"job {hydra_cfg.job.num}" + (f" ({overrides})" if overrides else "")
 
+
+def user_error(err: BaseException, out_dir: str) -> str | None:
+    """One line for an error that is the user's or the machine's to fix, or None (a bug: traceback)."""
+    import errno
+
+    from memhead.config import hydra_error_line
+    from memhead.hydra_callbacks import one_line
+
+    if isinstance(err, ConfigError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full while writing {err.filename or out_dir}: free some space, then run again to resume"
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"cannot write {err.filename or out_dir}: {err.strerror} (choose a writable hydra.run.dir)"
+    if isinstance(err, RuntimeError) and "PytorchStreamWriter" in str(err) or "unexpected pos" in str(err):
+        return f"disk full (or the file system failed) while writing a checkpoint in {out_dir}"
+    if isinstance(err, MemoryError):
+        return f"out of memory ({one_line(err) or 'MemoryError'}): choose smaller sizes"
+    return hydra_error_line(err)
+
+
+def _failure_record(out_dir: Path, reason: str, cfg: DictConfig) -> None:
+    """``metrics.json`` of a failed job: the report lists it as failed, with its reason."""
+    from omegaconf import OmegaConf
+
+    from memhead.runner import write_json_atomic
+
+    if (out_dir / "metrics.json").exists():
+        return  # another run's record (a refused relaunch, a directory in use): never overwritten
+    record: dict = {"complete": False, "failed": True, "error": reason}
     try:
-        hydra_cfg = HydraConfig.get()
-        record = run(cfg, hydra_cfg.runtime.output_dir, group=sweep_group(list(hydra_cfg.overrides.task)))
-    except ConfigError as err:
-        # A bad option is the user's to fix: one line, no traceback.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        record["config"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception:  # noqa: BLE001 - a config that cannot resolve is why the job failed
+        pass
+    try:
+        write_json_atomic(out_dir / "metrics.json", record)
+    except OSError:
+        pass  # the failure is still reported on stderr and counted
+
+
+def _interrupted(out_dir: Path) -> None:
+    from memhead import checkpoint
+
+    where = out_dir / checkpoint.CHECKPOINT
+    if where.is_file():
+        hint = f"run the same command again to resume from {where}"
+    else:
+        hint = f"no checkpoint yet in {out_dir}: the same command starts the run again"
+    print(f"interrupted: {hint}", file=sys.stderr)
+    sys.exit(130)
+
+
+# Absolute: the same config whether run.py is the script or imported (tests call cli in-process).
+@hydra.main(
+    version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config"
+)
+def main(cfg: DictConfig) -> float | str:
+    """One job. Returns ``optimized_metric`` for a sweeper; a failed job of a multirun returns the string
+    ``"failed: <reason>"``, which sweepers (optuna) record as a failed trial and go on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from memhead.config import optimized_value
+    from memhead.hydra_callbacks import RUN, fail
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        record = run(cfg, out_dir, group=sweep_group(list(hydra_cfg.overrides.task)))
+        value = optimized_value(record, cfg.optimized_metric)
+    except KeyboardInterrupt:
+        _interrupted(out_dir)
     except Preempted as err:
         # A cluster's preemption: the checkpoint is written; a requeued job resumes from it.
         print(f"memhead: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)
-    # What a Hydra sweeper would optimise.
-    return record["final"]["test"]["avg_accuracy"]
+    except Exception as err:
+        reason = user_error(err, str(out_dir))
+        if reason is None:
+            if not multirun:
+                raise
+            # A bug in one job: its traceback goes to its run.log; the other jobs run.
+            log.exception("job failed")
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        if not multirun:
+            # Nothing of a refused run stays behind (a directory that existed is another matter).
+            logging.shutdown()
+            RUN.remove_created()
+            fail(reason)
+        _failure_record(out_dir, reason, cfg)
+        print(f"error: {_job_name(hydra_cfg)}: {reason}", file=sys.stderr)
+        return f"failed: {reason}"
+    if multirun:
+        print(f"{_job_name(hydra_cfg)}: {job_summary(record, cfg.optimized_metric)}", file=sys.stderr)
+    return value
+
+
+def job_summary(record: dict, optimized_metric: str) -> str:
+    """One line per finished job of a multirun: the optimised value, the test accuracy, the time."""
+    final = record["final"]
+    split, metric = optimized_metric.split(".", 1)
+    parts = [f"{optimized_metric}={final[split][metric]:.4f}"]
+    if optimized_metric != "test.avg_accuracy" and "test" in final:
+        parts.append(f"test.avg_accuracy={final['test']['avg_accuracy']:.4f}")
+    timing = record.get("timing", {})
+    if "total_s" in timing:
+        parts.append(f"{timing['total_s']:.1f}s")
+    return " ".join(parts)
+
+
+def cli(argv: list[str]) -> int:
+    """``python run.py ARGS``: the exit code. Every configuration error is one line on stderr and exit
+    code 2; a multirun whose jobs failed exits 1 after all of them ran, saying how many failed."""
+    import os
+
+    from memhead.config import hydra_error_line
+    from memhead.hydra_callbacks import MULTIRUN, RUN
+
+    try:
+        args = prepare_arguments(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Hydra's own errors reach us as exceptions (not as its multi-line print with exit code 1).
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    MULTIRUN.sweep_dir, MULTIRUN.failed = None, []
+    RUN.created = None
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "run.py", *args]
+    try:
+        main()
+    except SystemExit as done:  # a refused run (2) or an interrupted one (130), already reported
+        return done.code if isinstance(done.code, int) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        line = hydra_error_line(err) or user_error(err, "the run directory")
+        if line is None:
+            raise
+        RUN.remove_created()
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved_argv
+    if MULTIRUN.failed:
+        print(
+            f"error: {len(MULTIRUN.failed)} job(s) of the multirun failed (each has a metrics.json with "
+            f'"failed": true): {MULTIRUN.failed[0]}' + (" ..." if len(MULTIRUN.failed) > 1 else ""),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.argv[1:] = prepare_arguments(sys.argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    sys.exit(cli(sys.argv[1:]))

@@ -23,6 +23,8 @@ class Benchmark:
     build: Callable[[object, torch.device, bool], dict[str, np.ndarray]]
     # Options naming files or folders: made absolute against the launch directory before use.
     paths: tuple[str, ...] = ()
+    # Classes known before any data is read (a lower bound for size checks).
+    min_classes: int = 2
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
@@ -43,14 +45,18 @@ def _two_d(kind: str) -> Benchmark:
 
         return make_2d(kind, cfg.order.name, **params(cfg))
 
-    return Benchmark(check=check, input_features=lambda cfg: 2, build=build)
+    return Benchmark(check=check, input_features=lambda cfg: 2, build=build, min_classes=4)
 
 
 def _features() -> Benchmark:
-    from data.stream import load_npz, npz_feature_count
+    from data.stream import check_npz_fits, load_npz, npz_feature_count
+
+    def check(cfg) -> None:
+        check_npz_fits(cfg.path)
+        npz_feature_count(cfg.path)
 
     return Benchmark(
-        check=lambda cfg: npz_feature_count(cfg.path),
+        check=check,
         input_features=lambda cfg: npz_feature_count(cfg.path),
         build=lambda cfg, device, progress: load_npz(cfg.path),
         paths=("path",),
@@ -69,6 +75,7 @@ def _ns_imagenet() -> Benchmark:
         input_features=lambda cfg: module().input_features(cfg),
         build=lambda cfg, device, progress: module().build(cfg, device=device, progress=progress),
         paths=("root", "cache_dir"),
+        min_classes=100,
     )
 
 

@@ -10,7 +10,7 @@ For each split it prints the size, the classes with their counts, the domains an
 (each with its classes, domains and size, in stream order), checks the schema, and saves a scatter
 plot ``DIR/<file-stem>_<split>.png`` with three panels coloured by class, domain and distribution
 (default ``DIR``: the file's folder). Plots need 2-D inputs; wider files are described but not plotted.
-The file is read with ``np.load`` and pickles are refused.
+The file is read with ``np.load`` and pickles are refused; the checks are those of ``run.py``.
 """
 
 from __future__ import annotations
@@ -31,41 +31,30 @@ class SchemaError(ValueError):
 def load_splits(path: Path) -> dict[str, dict[str, np.ndarray]]:
     """Read ``path`` and return ``{split: {"X", "y", "domain", "distributions"}}`` after checking it.
 
+    The checks are ``run.py``'s (:func:`data.stream.validate_arrays`): a file valid here runs there.
     A missing ``domain_<split>`` is filled with zeros (the schema makes it optional).
 
     Raises:
-        SchemaError: A key is missing, an array has the wrong shape or type, or lengths disagree.
+        SchemaError: A key is missing, an array has the wrong shape, type or values, or lengths disagree.
     """
+    from data.stream import load_npz, validate_arrays
+    from memhead.registry import ConfigError
+
     try:
-        archive = np.load(path)
-    except ValueError:  # numpy's answer to anything it would need pickle for
-        raise SchemaError("not a numpy .npz archive, or it holds pickled data (refused)") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise SchemaError("a single .npy array, not an .npz archive of named arrays")
-    with archive:
-        return {split: _check_split(archive, split) for split in SPLITS}
-
-
-def _check_split(archive, split: str) -> dict[str, np.ndarray]:
-    missing = [f"{name}_{split}" for name in ("X", "y", "distributions") if f"{name}_{split}" not in archive]
-    if missing:
-        raise SchemaError(f"missing key(s) {', '.join(missing)}; every split needs X_, y_, distributions_")
-    x = archive[f"X_{split}"]
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-        raise SchemaError(f"X_{split} must be a numeric (rows, features) array (got {x.dtype} {x.shape})")
-    if not np.all(np.isfinite(x)):
-        raise SchemaError(f"X_{split} has non-finite values")
-    columns = {"X": x}
-    for name in ("y", "domain", "distributions"):
-        key = f"{name}_{split}"
-        column = archive[key] if key in archive else np.zeros(len(x), dtype=np.int64)
-        if column.shape != (len(x),) or not np.issubdtype(column.dtype, np.integer):
-            expected = f"integers of shape ({len(x)},)"
-            raise SchemaError(f"{key} must be {expected} (got {column.dtype} {column.shape})")
-        if len(column) and column.min() < 0:
-            raise SchemaError(f"{key} has negative values")
-        columns[name] = column
-    return columns
+        arrays = load_npz(path, option="FILE")
+        validate_arrays(arrays, source=str(path))
+    except ConfigError as err:
+        # The file is named once, by main; keep the rule.
+        raise SchemaError(str(err).replace(f"{path}: ", "").replace(f"FILE={str(path)!r}: ", "")) from None
+    splits = {}
+    for split in SPLITS:
+        x = arrays[f"X_{split}"]
+        columns = {"X": x.reshape(len(x), -1)}
+        for name in ("y", "domain", "distributions"):
+            key = f"{name}_{split}"
+            columns[name] = arrays[key] if key in arrays else np.zeros(len(x), dtype=np.int64)
+        splits[split] = columns
+    return splits
 
 
 def _counts(values: np.ndarray) -> str:
@@ -99,8 +88,6 @@ def describe(split: str, columns: dict[str, np.ndarray]) -> list[str]:
         domains = ",".join(map(str, np.unique(domain[start:stop])))
         rows = f"rows {start}-{stop - 1} ({stop - start})"
         lines.append(f"    {distribution}: {rows}, class {classes}, domain {domains}")
-    if len(runs) != len(ids):
-        lines.append("  note: some distributions come back later in the stream (not contiguous)")
     return lines
 
 

@@ -9,6 +9,8 @@ YAML file.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -209,6 +211,8 @@ class Config:
     loss: Loss = MISSING
     progress: bool | None = MISSING
     threads: int | None = MISSING
+    verbose: bool = MISSING
+    optimized_metric: str = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -279,6 +283,7 @@ def prepare_arguments(argv: list[str]) -> list[str]:
 
     * ``plots=true|false`` means ``plots.enabled=...`` (Hydra cannot set the ``plots`` node to a bool);
     * ``+sweep=NAME`` means ``sweep=NAME`` (``conf/config.yaml`` already lists the optional group);
+    * integers inside float lists (``benchmark.stds=[[1,0.08]]``) are written as floats;
     * ``group=unknown`` fails in one line: Hydra's own message lists search paths, and it silently
       skips an unknown name of an optional group such as ``sweep``.
 
@@ -294,6 +299,8 @@ def prepare_arguments(argv: list[str]) -> list[str]:
             arg = f"plots.enabled={value.lower()}"
         elif sep and key == "+sweep":
             arg = f"sweep={value}"
+        elif sep and "." in key:
+            arg = f"{key}={floats_in_lists(key, value)}"
         group = key.lstrip("+~")
         is_group = group == "sweep" or (
             group != "hydra" and "." not in group and "/" not in group and (CONF_DIR / group).is_dir()
@@ -305,3 +312,164 @@ def prepare_arguments(argv: list[str]) -> list[str]:
                     raise ConfigError(f"{group}={option!r} is unknown; known: {', '.join(known)}")
         out.append(arg)
     return out
+
+
+# --- values a schema cannot express ----------------------------------------------------------------
+
+SPLIT_NAMES = ("train", "val", "test")
+METRIC_NAMES = ("avg_accuracy", "avg_forgetting", "backward_transfer", "forward_transfer")
+# torch.manual_seed takes a 64-bit value; negative seeds mean "time-based".
+MAX_SEED = 2**63 - 1
+
+
+def parse_optimized_metric(value: str) -> tuple[str, str]:
+    """``"val.avg_accuracy"`` -> ``("val", "avg_accuracy")``; anything else is a ConfigError."""
+    from memhead.registry import ConfigError
+
+    split, _, metric = str(value).partition(".")
+    if split not in SPLIT_NAMES or metric not in METRIC_NAMES:
+        raise ConfigError(
+            f"optimized_metric={value!r} is not allowed; allowed: SPLIT.METRIC with SPLIT in "
+            f"{', '.join(SPLIT_NAMES)} and METRIC in {', '.join(METRIC_NAMES)}"
+        )
+    return split, metric
+
+
+def optimized_value(record: dict, optimized_metric: str) -> float:
+    """The value a Hydra sweeper optimises: ``record["final"][split][metric]``."""
+    split, metric = parse_optimized_metric(optimized_metric)
+    return float(record["final"][split][metric])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _missing_keys(cfg) -> list[str]:
+    from omegaconf import OmegaConf
+
+    return sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
+
+
+def check_structure(cfg) -> None:
+    """Every required node present, every value set, no option its schema does not know."""
+    from dataclasses import fields
+
+    from memhead.registry import ConfigError
+
+    for f in fields(Config):
+        if f.name not in cfg:
+            raise ConfigError(f"{f.name} cannot be removed (~{f.name}): every run needs it")
+    missing = _missing_keys(cfg)
+    if missing:
+        key = missing[0]
+        group = key.split(".")[0]
+        where = f" (needed by {group}={cfg[group].name})" if group in _group_schemas() and "." in key else ""
+        raise ConfigError(f"{key} must be set{where}: {key}=...")
+    for group, options in _group_schemas().items():
+        node = cfg[group]
+        schema = options.get(str(node.get("name")))
+        if schema is None:
+            continue  # the registries name the known options
+        known = [f.name for f in fields(schema)]
+        unknown = [key for key in node if key not in known]
+        if unknown:
+            raise ConfigError(
+                f"{group}.{unknown[0]} is not an option of {group}={node.name}; options: {', '.join(known)}"
+            )
+
+
+def check_values(cfg) -> None:
+    """Top-level values with rules beyond their type (before anything is read or allocated)."""
+    import os
+
+    from memhead.registry import ConfigError
+
+    check_structure(cfg)
+    if cfg.seed > MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed} is too large; allowed: 0..{MAX_SEED} (negative: time-based)")
+    cpus = os.cpu_count() or 1
+    if cfg.threads is not None and not 1 <= cfg.threads <= cpus:
+        raise ConfigError(
+            f"threads={cfg.threads} is not allowed; allowed: 1..{cpus} (this machine's CPUs) or null"
+        )
+    parse_optimized_metric(cfg.optimized_metric)
+    for key in ("lr", "weight_decay", "momentum"):
+        if key in cfg.optimizer and not _finite(cfg.optimizer[key]):
+            raise ConfigError(f"optimizer.{key}={cfg.optimizer[key]} must be a finite number")
+    if not cfg.optimizer.lr > 0:
+        raise ConfigError(f"optimizer.lr must be > 0 (got {cfg.optimizer.lr})")
+    if "momentum" in cfg.optimizer and cfg.optimizer.momentum < 0:
+        raise ConfigError(f"optimizer.momentum must be >= 0 (got {cfg.optimizer.momentum})")
+    interval = cfg.checkpoint.interval_s
+    if not _finite(interval) or interval < 0:
+        raise ConfigError(f"checkpoint.interval_s must be a finite number >= 0 (got {interval})")
+    from memhead.limits import check_benchmark_size
+
+    check_benchmark_size(cfg)
+
+
+def resolve_threads(threads: int | None, batch_size: int, in_features: int) -> int | None:
+    """The torch thread count of a run: ``threads``, or for ``null`` one thread on one-sample streams
+    of small inputs (measured: torch's thread pool costs more than it gains on such tiny steps, and
+    collapses when another process shares the CPUs); None keeps torch's default."""
+    if threads is not None:
+        return threads
+    if batch_size == 1 and in_features <= SMALL_INPUT_FEATURES:
+        return 1
+    return None
+
+
+# Inputs up to this many features count as small for the threads: null rule (NS-ImageNet has 512).
+SMALL_INPUT_FEATURES = 4096
+
+
+# --- Hydra's own errors as one line ------------------------------------------------------------------
+
+
+def hydra_error_line(err: BaseException) -> str | None:
+    """One line for a Hydra/OmegaConf configuration error (bad override, type, enum, missing group), or
+    None when ``err`` is not one (a bug keeps its traceback)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(err, (HydraException, OmegaConfBaseException)):
+        return None
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+    text = str(cause if cause is not None else err)
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    key = getattr(cause or err, "full_key", None)
+    if not key:
+        found = re.search(r"full_key: (\S+)", text)
+        key = found.group(1) if found else None
+    if not key:
+        found = re.search(r"override (\S+)", str(err))
+        key = found.group(1).split("=")[0] if found else None
+    first = first.rstrip(".")
+    return f"{key}: {first}" if key and key not in first else first
+
+
+# --- integers in float lists ------------------------------------------------------------------------
+
+_INT_TOKEN = re.compile(r"(?<![\w.+-])(-?\d+)(?![\w.])")
+
+
+def _float_list_fields(group: str) -> set[str]:
+    """Fields of ``group``'s schemas typed as (nested) lists of floats."""
+    from dataclasses import fields
+
+    out = set()
+    for schema in _group_schemas().get(group, {}).values():
+        for f in fields(schema):
+            hint = str(f.type)
+            if hint.startswith("list[") and "float" in hint and "int" not in hint:
+                out.add(f.name)
+    return out
+
+
+def floats_in_lists(key: str, value: str) -> str:
+    """``benchmark.stds=[[1,0.08]]`` -> ``[[1.0,0.08]]``: OmegaConf refuses an int in a float list."""
+    group, _, name = key.lstrip("+").partition(".")
+    if not value.lstrip().startswith("[") or "." in name or name not in _float_list_fields(group):
+        return value
+    return _INT_TOKEN.sub(r"\1.0", value)

@@ -65,17 +65,16 @@ def check_config(cfg: DictConfig) -> int:
     """Cross-field rules of every group, before any data is read. Returns the input feature count."""
     from competitors import COMPETITORS
     from data.benchmarks import BENCHMARKS
+    from memhead.config import check_values
+    from memhead.limits import check_learner_size
     from memhead.models import MODELS, check_model
 
+    check_values(cfg)  # structure, scalar ranges, stream size: before anything is generated or read
     resolve_device(cfg.device)
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads must be >= 1 or null (got {cfg.threads})")
     if cfg.eval.chunk_size < 1:
         raise ConfigError(f"eval.chunk_size must be >= 1 (got {cfg.eval.chunk_size})")
     if cfg.stream.batch_size < 1:
         raise ConfigError(f"stream.batch_size must be >= 1 (got {cfg.stream.batch_size})")
-    if cfg.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr must be > 0 (got {cfg.optimizer.lr})")
     if cfg.optimizer.weight_decay < 0:
         raise ConfigError(f"optimizer.weight_decay must be >= 0 (got {cfg.optimizer.weight_decay})")
     MODELS.get(cfg.model.name)
@@ -84,6 +83,7 @@ def check_config(cfg: DictConfig) -> int:
     in_features = benchmark.input_features(cfg.benchmark)
     check_model(cfg.model, in_features)
     COMPETITORS.get(cfg.competitor.name).check(cfg.competitor)
+    check_learner_size(cfg, in_features, benchmark.min_classes)
     return in_features
 
 
@@ -483,13 +483,18 @@ def _run_planned(plan: RunPlan, group: str | None, t_start: float, preemption) -
 
     checkpoint.remove_stale_temporaries(plan.out_dir)
 
+    from memhead.config import resolve_threads
+    from memhead.limits import check_learner_size
+
     device = resolve_device(cfg.device)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     generator = seed_everything(plan.seed)
     progress = default_progress() if cfg.progress is None else bool(cfg.progress)
     timer = Timer(device)
     stream, features_s = build_stream(cfg, device, progress)
+    threads = resolve_threads(cfg.threads, cfg.stream.batch_size, stream.in_features)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    check_learner_size(cfg, stream.in_features, stream.num_classes)  # now that the labels are known
     learner = build_learner(cfg, stream, device, generator)
     log.info("model: %s", learner.model)
     # Before any checkpoint is loaded: a resumed run draws the keys its first start began with.

@@ -312,5 +312,6 @@ def test_inspect_cli_rejects_a_broken_file(tmp_path):
     np.savez(path, **stream)
     result = _run_module("data.inspect", str(path))
     assert result.returncode == 1
-    assert "y_val must be integers of shape" in result.stderr
+    # The rule of run.py's validator (data.stream.validate_arrays), which data.inspect shares.
+    assert "y_val has shape (4,), expected (5,)" in result.stderr
     assert not list(tmp_path.glob("*.png"))
