@@ -174,6 +174,12 @@ def _loop(model, optimizer, stream, cfg, timer, states, recorders, size) -> None
     ends = distribution_ends(train.dist)
     batch_size, loss_name = cfg.stream.batch_size, cfg.loss.name
     chunk = eval_chunk(model, size, cfg.eval.chunk_size)
+    # The untrained members once on every split: the baseline of forward_transfer_gem, as run_protocol does.
+    for name, split in splits.items():
+        with timer.measure("eval_s", len(split) * size):
+            rows = accuracies(model, size, split, chunk)
+        for state, row in zip(states, rows):
+            state.initial[name] = row
     model.train()
     start = 0
     for i in range(len(ends)):
@@ -193,7 +199,10 @@ def _loop(model, optimizer, stream, cfg, timer, states, recorders, size) -> None
                     rows = accuracies(model, size, split, chunk)
                 for state, row in zip(states, rows):
                     state.ccm[name][i] = row
-                    state.last[name] = {"boundary": i, **metrics.all_metrics(state.ccm[name], i)}
+                    state.last[name] = {
+                        "boundary": i,
+                        **metrics.all_metrics(state.ccm[name], i, state.initial.get(name)),
+                    }
         for state, recorder in zip(states, recorders):
             state.boundaries.append({"index": i, **state.last})
             state.next_distribution = i + 1
