@@ -145,11 +145,47 @@ def locate_files(root: str | None) -> list[Path]:
     return paths
 
 
+# What the mini-ImageNet cache pickles hold: numpy arrays (and their dtypes) in builtin containers.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "str"),
+    ("builtins", "bytes"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("_codecs", "encode"),  # how Python 2 pickles of numpy arrays carry their bytes
+}
+
+
+class UnsafePickle(ValueError):
+    """A pickle that names a global the cache format never uses (it could run code)."""
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays in builtin containers, and refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise UnsafePickle(f"refused global {module}.{name} (only numpy arrays and builtin containers)")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> Any:
     try:
         with open(path, "rb") as handle:
             # latin1: the widely shared files may come from Python 2 pickles of numpy arrays.
-            return pickle.load(handle, encoding="latin1")
+            return ArrayUnpickler(handle, encoding="latin1").load()
+    except UnsafePickle as err:
+        raise ConfigError(f"{path}: not a mini-ImageNet cache pickle: {err}") from None
     except Exception as err:
         raise ConfigError(f"{path}: cannot unpickle ({type(err).__name__}: {err})") from err
 

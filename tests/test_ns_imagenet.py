@@ -520,3 +520,33 @@ def test_extract_features_cli_errors(tmp_path, capsys):
     )
     assert "has 4 images; at least 10" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+class _WritesAFile:
+    """A pickle payload that would create a file when unpickled by pickle.load."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_cache_pickles_are_loaded_without_running_code(tmp_path):
+    import pickle
+
+    from data.ns_imagenet import _read_pickle
+    from memhead.registry import ConfigError
+
+    target = tmp_path / "pwned"
+    evil = tmp_path / "mini-imagenet-cache-train.pkl"
+    evil.write_bytes(pickle.dumps({"image_data": _WritesAFile(target)}))
+    with pytest.raises(ConfigError, match="refused global io.open"):
+        _read_pickle(evil)
+    assert not target.exists()
+    # The format's own content still loads: arrays in a dict of lists.
+    good = tmp_path / "good.pkl"
+    images = np.arange(2 * 84 * 84 * 3, dtype=np.uint8).reshape(2, 84, 84, 3)
+    good.write_bytes(pickle.dumps({"image_data": images, "class_dict": {"n01": [0, 1]}}))
+    loaded = _read_pickle(good)
+    assert np.array_equal(loaded["image_data"], images) and loaded["class_dict"] == {"n01": [0, 1]}
