@@ -408,7 +408,7 @@ def confusion_matrices(
         matrix = matrices[split]
         n = len(matrix)
         # 1-based, as the console's "boundary i/N".
-        extent = (0.5, matrix.shape[1] + 0.5, n + 0.5, 0.5)
+        extent = (-0.5, matrix.shape[1] - 0.5, n - 0.5, -0.5)  # distributions 0..n-1
         image = axis.imshow(
             np.ma.masked_invalid(matrix),
             cmap=cmap,
@@ -423,8 +423,8 @@ def confusion_matrices(
             for (i, j), value in np.ndenumerate(matrix):
                 if np.isfinite(value):
                     axis.text(
-                        j + 1,
-                        i + 1,
+                        j,
+                        i,
                         f"{value:.2f}",
                         ha="center",
                         va="center",
@@ -463,7 +463,7 @@ def metric_curves(boundaries: list[dict], path: str | Path, *, title: str = "") 
     for axis, metric in zip(axes, METRICS):
         for split in SPLITS:
             measured = [
-                (entry["index"] + 1, entry[split][metric])
+                (entry["index"], entry[split][metric])
                 for entry in boundaries
                 if metric in entry.get(split, {}) and entry[split].get("boundary") == entry["index"]
             ]
@@ -521,7 +521,7 @@ def sweep_curves(
         values = np.array(
             [[b[split][metric] for b in boundaries[:length]] for boundaries in runs], dtype=float
         )
-        xs = np.arange(1, length + 1)
+        xs = np.arange(length)  # boundary i: after distribution i (0-based)
         mean = values.mean(axis=0)
         std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
         axis.plot(xs, mean, lw=1.6, color=colour, label=f"{label} (n={len(runs)})")
@@ -594,7 +594,7 @@ def save_boundary_plot(
     train = stream.train
     seen = train.dist <= index
     initial, final = _keys_to_draw(model, stream, initial_keys)
-    title = f"{_describe_model(model)} after distribution {index + 1}/{stream.num_distributions}"
+    title = f"{_describe_model(model)} after distribution {index} (0..{stream.num_distributions - 1})"
     return decision_surface(
         model,
         train.x[seen],

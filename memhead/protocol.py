@@ -151,6 +151,7 @@ def run_protocol(
     timer: Timer | None = None,
     state: ProtocolState | None = None,
     on_boundary: BoundaryCallback | None = None,
+    verbose: bool = False,
 ) -> ProtocolResult:
     """Train once over ``stream.train`` and fill the continual confusion matrices.
 
@@ -211,7 +212,7 @@ def run_protocol(
             row[name] = state.last[name]
         state.boundaries.append({"index": i, **row})
         state.next_distribution = i + 1
-        _print_boundary(i, train.num_distributions, row, state.ccm)
+        _print_boundary(i, train.num_distributions, row, state.ccm, verbose)
         if on_boundary is not None:
             on_boundary(i, row, model, optimizer, state)
     bar.close()
@@ -229,26 +230,32 @@ def run_protocol(
 MAX_PRINTED_MATRIX = 20
 
 
-def format_metrics(values: dict) -> str:
+def format_metrics(values: dict, short: bool = False) -> str:
+    """The paper's metrics of one split; ``short``: accuracy and forgetting only (the per-boundary line)."""
+    names = zip(metrics.METRICS, ("acc", "forgetting", "bwt", "fwt"))
     return " ".join(
-        f"{short}={values[key]:.4f}"
-        for key, short in zip(metrics.METRICS, ("acc", "forgetting", "bwt", "fwt"))
+        f"{name}={values[key]:.{3 if short else 4}f}"
+        for key, name in (list(names)[:2] if short else names)
         if key in values
     )
 
 
-def _print_boundary(i: int, total: int, row: dict, ccm: dict[str, np.ndarray]) -> None:
-    log.info("boundary %d/%d", i + 1, total)
-    for name, values in row.items():
-        if values:
-            log.info(
-                "  %-5s %s%s",
-                name,
-                format_metrics(values),
-                "" if values["boundary"] == i else f" (kept from boundary {values['boundary'] + 1})",
-            )
-    if total <= MAX_PRINTED_MATRIX:
-        for name, matrix in ccm.items():
-            if i < len(matrix):
-                text = metrics.format_matrix(matrix).replace("\n", "\n    ")
-                log.info("  continual confusion matrix (%s):\n    %s", name, text)
+def _print_boundary(i: int, total: int, row: dict, ccm: dict[str, np.ndarray], verbose: bool) -> None:
+    """One line per boundary (0-based, as in metrics.json); the matrices too with ``verbose``."""
+    parts = [
+        f"{name} {format_metrics(values, short=True)}"
+        + ("" if values["boundary"] == i else f" (from boundary {values['boundary']})")
+        for name, values in row.items()
+        if values
+    ]
+    log.info("boundary %d (of 0..%d): %s", i, total - 1, " | ".join(parts))
+    if verbose:
+        log_matrices(ccm, upto=i)
+
+
+def log_matrices(ccm: dict[str, np.ndarray], upto: int | None = None) -> None:
+    """The continual confusion matrices (rows after distribution i, 0-based), when small enough to read."""
+    for name, matrix in ccm.items():
+        if len(matrix) <= MAX_PRINTED_MATRIX and (upto is None or upto < len(matrix)):
+            text = metrics.format_matrix(matrix).replace("\n", "\n    ")
+            log.info("  continual confusion matrix (%s):\n    %s", name, text)

@@ -427,7 +427,7 @@ def log_summary(record: dict) -> None:
 
     for split, values in record["final"].items():
         boundary = record["final_boundary"][split]
-        log.info("  %-5s %s (after boundary %d)", split, format_metrics(values), boundary + 1)
+        log.info("  %-5s %s (at boundary %d)", split, format_metrics(values), boundary)
     t = record["timing"]
     log.info(
         "time: train %.2fs (%.0f samples/s), eval %.2fs, features %.2fs, total %.2fs",
@@ -476,7 +476,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
 def _run_planned(plan: RunPlan, group: str | None, t_start: float, preemption) -> dict:
     from memhead.loggers import make_logger
     from memhead.plots import has_planar_inputs, save_boundary_plot, save_run_plots, snapshot_keys
-    from memhead.protocol import ProtocolState, Timer, run_protocol
+    from memhead.protocol import ProtocolState, Timer, log_matrices, run_protocol
 
     cfg = plan.cfg  # paths resolved
     from memhead import checkpoint
@@ -531,6 +531,7 @@ def _run_planned(plan: RunPlan, group: str | None, t_start: float, preemption) -
                 timer=timer,
                 state=state,
                 on_boundary=on_boundary,
+                verbose=cfg.verbose,
             )
         record = recorder.finish(
             ProtocolState(result.ccm, result.boundaries, result.final, initial=result.initial)
@@ -541,6 +542,8 @@ def _run_planned(plan: RunPlan, group: str | None, t_start: float, preemption) -
         tracker.log_final(record, images=images)
     finally:
         tracker.close()
+    if not cfg.verbose:  # verbose printed them at every boundary
+        log_matrices(result.ccm)
     log_summary(record)
     log.info("metrics: %s", plan.metrics_path)
     return record

@@ -110,3 +110,16 @@ def test_bad_feature_file_is_rejected_with_its_rule(tiny_cfg, tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(ConfigError, match="contiguous"):
         run(tiny_cfg("benchmark=features", f"benchmark.path={path}"), tmp_path)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_one_line_per_boundary_and_the_matrices_once_unless_verbose(verbose, tiny_cfg, tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        run(tiny_cfg(f"verbose={str(verbose).lower()}"), tmp_path)
+    messages = [r.getMessage() for r in caplog.records]
+    boundary_lines = [m for m in messages if m.startswith("boundary ")]
+    # 0-based, as metrics.json, W&B and the plot files number them
+    assert [m.split(" (of")[0] for m in boundary_lines] == [f"boundary {i}" for i in range(8)]
+    assert all("\n" not in m and " train acc=" in m and " test acc=" in m for m in boundary_lines)
+    matrices = [m for m in messages if "continual confusion matrix (test)" in m]
+    assert len(matrices) == (8 if verbose else 1)
