@@ -104,7 +104,7 @@ def main(cfg: DictConfig) -> float | str:
     from hydra.types import RunMode
 
     from memhead.config import optimized_value
-    from memhead.hydra_callbacks import RUN, fail
+    from memhead.hydra_callbacks import RUN, SNAPSHOTS, fail, holds_a_run
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -126,14 +126,21 @@ def main(cfg: DictConfig) -> float | str:
             # A bug in one job: its traceback goes to its run.log; the other jobs run.
             log.exception("job failed")
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        kept = holds_a_run(out_dir)  # another run's directory: its files stay exactly as they were
+        if kept:
+            logging.shutdown()
+            SNAPSHOTS.restore(out_dir)
         if not multirun:
             # Nothing of a refused run stays behind (a directory that existed is another matter).
             logging.shutdown()
             RUN.remove_created()
             fail(reason)
         _failure_record(out_dir, reason, cfg)
+        if kept:
+            SNAPSHOTS.refused.append(f"{out_dir}: {reason}")
         print(f"error: {_job_name(hydra_cfg)}: {reason}", file=sys.stderr)
         return f"failed: {reason}"
+    SNAPSHOTS.accepted += 1
     if multirun:
         print(f"{_job_name(hydra_cfg)}: {job_summary(record, cfg.optimized_metric)}", file=sys.stderr)
     return value
@@ -189,8 +196,8 @@ def cli(argv: list[str]) -> int:
         sys.argv = saved_argv
     if MULTIRUN.failed:
         print(
-            f"error: {len(MULTIRUN.failed)} job(s) of the multirun failed (each has a metrics.json with "
-            f'"failed": true): {MULTIRUN.failed[0]}' + (" ..." if len(MULTIRUN.failed) > 1 else ""),
+            f"error: {len(MULTIRUN.failed)} job(s) of the multirun failed (listed by memhead.report): "
+            f"{MULTIRUN.failed[0]}" + (" ..." if len(MULTIRUN.failed) > 1 else ""),
             file=sys.stderr,
         )
         return 1

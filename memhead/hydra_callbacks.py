@@ -142,3 +142,68 @@ class CheckConfig(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if MULTIRUN.sweep_dir is not None and MULTIRUN.sweep_dir.is_dir():
             MULTIRUN.failed = failed_jobs(MULTIRUN.sweep_dir, MULTIRUN.started)
+        MULTIRUN.failed += SNAPSHOTS.refused  # refused where a record of another run stays untouched
+
+
+# Files Hydra (re)writes in a job's directory before the job can refuse: they must stay as they were.
+def _metadata_files(job_dir: Path) -> list[Path]:
+    return [p for p in [*job_dir.glob(".hydra/*"), *job_dir.glob("*.log")] if p.is_file()]
+
+
+@dataclass
+class Snapshots:
+    """The bytes of every metadata file of the directories a launch may write into, taken before it does."""
+
+    files: dict[Path, bytes] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)  # in-process jobs refused in a directory they kept
+    accepted: int = 0  # in-process jobs of this launch that ran (or found their run finished)
+
+    def take(self, paths: list[Path]) -> None:
+        self.files = {}
+        for path in paths:
+            try:
+                self.files[path.absolute()] = path.read_bytes()
+            except OSError:
+                pass
+
+    def restore(self, job_dir: Path) -> None:
+        """Put back the metadata of ``job_dir`` as it was; drop what Hydra added there since."""
+        job_dir = job_dir.absolute()
+        for path in _metadata_files(job_dir):
+            if path.absolute() not in self.files:
+                path.unlink(missing_ok=True)
+        for path, content in self.files.items():
+            if job_dir in path.parents and (not path.is_file() or path.read_bytes() != content):
+                path.write_bytes(content)
+
+
+SNAPSHOTS = Snapshots()
+
+
+def holds_a_run(job_dir: Path) -> bool:
+    from memhead.checkpoint import CHECKPOINT
+
+    return (job_dir / "metrics.json").is_file() or (job_dir / CHECKPOINT).is_file()
+
+
+class KeepRunDirs(Callback):
+    """A job refused in a directory that holds a run leaves that directory's files exactly as they were.
+
+    Hydra writes ``.hydra/*.yaml`` (and ``multirun.yaml``) before the job can look at what the directory
+    holds; this callback keeps their earlier bytes, and ``run.py`` puts them back when the job fails.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SNAPSHOTS.take(_metadata_files(Path(str(config.hydra.run.dir))))
+        SNAPSHOTS.refused, SNAPSHOTS.accepted = [], 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        jobs = [p for p in sweep.glob("*") if p.is_dir()] if sweep.is_dir() else []
+        SNAPSHOTS.take([sweep / "multirun.yaml", *(f for job in jobs for f in _metadata_files(job))])
+        SNAPSHOTS.refused, SNAPSHOTS.accepted = [], 0
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # multirun.yaml describes the last launch that ran something; a launch refused whole keeps the old.
+        if SNAPSHOTS.refused and not SNAPSHOTS.accepted:
+            SNAPSHOTS.restore(Path(str(config.hydra.sweep.dir)))

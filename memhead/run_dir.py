@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import fcntl
-import os
 import signal
 import threading
 from pathlib import Path
@@ -22,21 +21,16 @@ LOCK = ".lock"
 
 def lock(run_dir: Path):
     """An open file holding the directory's exclusive lock (released when closed or the process ends)."""
-    handle = open(run_dir / LOCK, "a+")  # noqa: SIM115 (held for the run's lifetime)
+    # Empty and never written: a refused launch leaves every file of the directory as it was.
+    handle = open(run_dir / LOCK, "a")  # noqa: SIM115 (held for the run's lifetime)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
         handle.close()
         raise ConfigError(
-            f"{run_dir} is in use by another memhead process (pid {owner}); "
-            "wait for it to finish or choose another hydra.run.dir"
+            f"{run_dir} is in use by another memhead process; wait for it to finish or choose another "
+            "hydra.run.dir"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
     return handle
 
 
