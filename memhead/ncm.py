@@ -16,7 +16,7 @@ from memhead.models import ClosedFormModel
 METRICS = ("euclidean", "cosine")
 
 
-def class_batch_means(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def class_batch_means(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
     """Per class: the number of samples of the batch ``(C,)`` and their mean ``(C, d)`` (0 if none)."""
     counts = torch.bincount(y, minlength=num_classes)
     sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x)

@@ -64,9 +64,8 @@ class StreamingLDA(ClosedFormModel):
         super().__init__()
         check_shrinkage(shrinkage)
         if covariance_update not in COVARIANCE_UPDATES:
-            raise ValueError(
-                f"covariance_update must be one of {', '.join(COVARIANCE_UPDATES)} (got {covariance_update!r})"
-            )
+            allowed = ", ".join(COVARIANCE_UPDATES)
+            raise ValueError(f"covariance_update must be one of {allowed} (got {covariance_update!r})")
         self.in_features, self.num_classes = in_features, num_classes
         self.shrinkage, self.streaming_covariance = float(shrinkage), bool(streaming_covariance)
         self.covariance_update = covariance_update
