@@ -127,7 +127,9 @@ def test_slda_scores_equal_the_lda_formula():
     learn_in_batches(model, x, y, [1])
     means, covariance = batch_statistics(x, y, 5)
     precision = np.linalg.inv(0.95 * covariance + 0.05 * np.eye(8))
-    scores = x.double().numpy() @ precision @ means.T - 0.5 * np.einsum("cd,de,ce->c", means, precision, means)
+    scores = x.double().numpy() @ precision @ means.T - 0.5 * np.einsum(
+        "cd,de,ce->c", means, precision, means
+    )
     np.testing.assert_allclose(model(x).double().numpy(), scores, rtol=1e-4, atol=1e-3)
 
 
@@ -229,7 +231,9 @@ def test_protocol_calls_learn_and_evaluates_like_any_model(tiny_cfg):
     dist = torch.arange(300) // 100  # three distributions, one class each
     y = dist.clone()
     for split in ("train", "val", "test"):
-        arrays.update({f"X_{split}": x.numpy(), f"y_{split}": y.numpy(), f"distributions_{split}": dist.numpy()})
+        arrays.update(
+            {f"X_{split}": x.numpy(), f"y_{split}": y.numpy(), f"distributions_{split}": dist.numpy()}
+        )
     stream: Stream = to_stream(arrays, torch.device("cpu"), source="test")
     model = StreamingLDA(4, 3)
     competitor = build_competitor(
