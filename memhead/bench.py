@@ -246,6 +246,47 @@ def _row(cells: list[str]) -> str:
     return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
 
 
+# --- closed-form baselines (model=slda) ----------------------------------------------------------
+
+SLDA_STEP_TARGET, SLDA_EVAL_TARGET = 2.0, 2.0
+
+
+def closed_form_rows(work: Workload, repeats: int, line: Callable) -> None:
+    """SLDA at 512-d beside the Memory Head: one ``learn`` (a rank-one covariance update) against the
+    head's online step, and a chunk's evaluation (factor cached) against ``nn.Linear``, alternated;
+    the refactorisation that the first evaluation after an update pays is shown on its own."""
+    from memhead.slda import StreamingLDA
+
+    slda = StreamingLDA(IN_FEATURES, CLASSES, device=work.device)
+    position = [0]
+
+    def learn(n: int) -> None:
+        for _ in range(n):
+            i = position[0] = (position[0] + 1) % len(work.x)
+            slda.learn(work.x[i : i + 1], work.y[i : i + 1])
+
+    def evaluate(n: int) -> None:
+        with torch.inference_mode():
+            for _ in range(n):
+                slda(work.chunk)
+
+    def refresh(n: int) -> None:
+        for _ in range(n):
+            slda._forget()
+            slda.class_weights()
+
+    steps = interleaved_medians(work.device, {"mh": (work.online_steps, 1), "slda": (learn, 1)}, repeats)
+    learn(len(work.x))  # every class seen before evaluating
+    chunks = {"linear": (work.linear_chunks, CHUNK), "slda": (evaluate, CHUNK), "refresh": (refresh, 1)}
+    evals = interleaved_medians(work.device, chunks, max(5, repeats // 3))
+    step_ratio, eval_ratio = steps["slda"] / steps["mh"], evals["slda"] / evals["linear"]
+    line("SLDA learn, batch 1 (vs MH step)", steps["slda"], f"{step_ratio:.2f}", f"<={SLDA_STEP_TARGET:g}",
+         step_ratio <= SLDA_STEP_TARGET)  # fmt: skip
+    line(f"SLDA eval, chunk {CHUNK} (vs Linear)", evals["slda"], f"{eval_ratio:.2f}",
+         f"<={SLDA_EVAL_TARGET:g}", eval_ratio <= SLDA_EVAL_TARGET)  # fmt: skip
+    line("SLDA refactorisation (s, per boundary)", evals["refresh"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memhead.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -294,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     line(f"nn.Linear eval, chunk {CHUNK}", per_unit["linear"], "1.00")
     line(f"Memory Head eval, chunk {CHUNK}", per_unit["head"], f"{eval_ratio:.2f}", f"<={EVAL_TARGET:g}",
          eval_ratio <= EVAL_TARGET, peaks["eval"])  # fmt: skip
+    closed_form_rows(work, repeats, line)
     per_distribution = "/".join(str(STREAM_SHAPE[split]) for split in ("train", "val", "test"))
     shape = f"{distributions} distributions x {per_distribution}"
     if "skipped" in stream:

@@ -88,7 +88,7 @@ def capture(
         "config": config,
         "seed": seed,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),  # None: nothing to train
         "competitor": competitor.state_dict(),
         "protocol": state.state_dict(),
         "timer": {"seconds": dict(timer.seconds), "samples": dict(timer.samples), "elapsed_s": elapsed_s},
@@ -101,7 +101,8 @@ def restore(saved: dict, *, model, optimizer, competitor, timer, generator: torc
     from memhead.protocol import ProtocolState
 
     model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     competitor.load_state_dict(saved["competitor"])
     timer.seconds.update(saved["timer"]["seconds"])
     timer.samples.update(saved["timer"]["samples"])

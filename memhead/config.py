@@ -55,6 +55,16 @@ class UpdK(Enum):
     grad_not_WTA = "grad_not_WTA"
 
 
+class NCMMetric(Enum):
+    euclidean = "euclidean"
+    cosine = "cosine"
+
+
+class CovarianceUpdate(Enum):
+    exact = "exact"
+    hayes_kanan = "hayes_kanan"
+
+
 class WandbMode(Enum):
     online = "online"
     offline = "offline"
@@ -100,6 +110,21 @@ class MHConfig:
     shared_keys: bool = MISSING
     layer_norm: bool = MISSING
     random_memories: bool = MISSING
+
+
+@dataclass
+class NCMConfig:
+    name: str = "ncm"
+    metric: NCMMetric = MISSING
+    normalize: bool = MISSING
+
+
+@dataclass
+class SLDAConfig:
+    name: str = "slda"
+    shrinkage: float = MISSING
+    streaming_covariance: bool = MISSING
+    covariance_update: CovarianceUpdate = MISSING
 
 
 # --- benchmark -----------------------------------------------------------------------------------
@@ -224,7 +249,7 @@ def _group_schemas() -> dict[str, dict[str, type]]:
     from data import ns_imagenet
 
     return {
-        "model": {"lp": LPConfig, "mlp": MLPConfig, "mh": MHConfig},
+        "model": {"lp": LPConfig, "mlp": MLPConfig, "mh": MHConfig, "ncm": NCMConfig, "slda": SLDAConfig},
         "benchmark": {
             "modes": ModesConfig,
             "moons": MoonsConfig,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from competitors.base import Competitor
 from data.stream import Split, Stream
 from memhead import metrics
+from memhead.models import ClosedFormModel
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +132,16 @@ class ProtocolResult:
     boundaries: list[dict]
     final: dict[str, dict]
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     initial: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-BoundaryCallback = Callable[[int, dict, torch.nn.Module, torch.optim.Optimizer, ProtocolState], None]
+BoundaryCallback = Callable[[int, dict, torch.nn.Module, torch.optim.Optimizer | None, ProtocolState], None]
 
 
 def run_protocol(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     competitor: Competitor,
     stream: Stream,
     loss_fn: LossFn,
@@ -160,12 +161,17 @@ def run_protocol(
     ``on_boundary(i, metrics_by_split, model, optimizer, state)`` runs after each boundary's evaluation
     (checkpoints and trackers use it). A fresh start first evaluates the untrained model on every split
     (``state.initial``, the baseline of ``forward_transfer_gem``).
+
+    A :class:`~memhead.models.ClosedFormModel` learns each batch by its ``learn`` in place of forward,
+    loss, backward and step, and needs no optimizer (``None``); its ``end_distribution`` runs at each
+    boundary before the competitor's hook. Evaluation is the same for every model.
     """
     timer = timer or Timer(stream.train.x.device)
     state = state or ProtocolState.start(stream)
     splits = stream.splits()
     train = stream.train
     ends = distribution_ends(train.dist)
+    closed_form = isinstance(model, ClosedFormModel)
     model.train()
 
     start = ends[state.next_distribution - 1] if state.next_distribution > 0 else 0
@@ -189,7 +195,9 @@ def run_protocol(
             for lo in range(start, end, batch_size):
                 hi = min(lo + batch_size, end)
                 x, y = train.x[lo:hi], train.y[lo:hi]
-                if competitor.trains_on_stream:
+                if closed_form:
+                    model.learn(x, y)
+                elif competitor.trains_on_stream:
                     loss = loss_fn(model(x), y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -197,6 +205,8 @@ def run_protocol(
                     optimizer.step()
                 competitor.after_step(x, y)
                 bar.update(hi - lo)
+            if closed_form:
+                model.end_distribution()
             replaced = competitor.at_boundary(model, optimizer)
             if replaced is not None:
                 model, optimizer = replaced

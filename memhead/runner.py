@@ -81,7 +81,7 @@ def check_config(cfg: DictConfig) -> int:
     benchmark = BENCHMARKS.get(cfg.benchmark.name)
     benchmark.check(cfg.benchmark)
     in_features = benchmark.input_features(cfg.benchmark)
-    check_model(cfg.model, in_features)
+    check_model(cfg.model, in_features, competitor=cfg.competitor.name)
     COMPETITORS.get(cfg.competitor.name).check(cfg.competitor)
     check_learner_size(cfg, in_features, benchmark.min_classes)
     return in_features
@@ -98,10 +98,13 @@ def can_fuse(params: list[torch.Tensor]) -> bool:
 
 
 def make_optimizer_factory(cfg):
-    """``make(module)``: a fresh optimizer of ``cfg.name`` over the module's trainable parameters."""
+    """``make(module)``: a fresh optimizer of ``cfg.name`` over the module's trainable parameters, or
+    None when it has none (closed-form models such as ``ncm`` and ``slda``)."""
 
-    def make(module: torch.nn.Module) -> torch.optim.Optimizer:
+    def make(module: torch.nn.Module) -> torch.optim.Optimizer | None:
         params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            return None
         fused = can_fuse(params) or None
         if cfg.name == "adam":
             return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, compose_config
 
 GROUP_OPTIONS = {
-    "model": ["lp", "mlp", "mh"],
+    "model": ["lp", "mlp", "mh", "ncm", "slda"],
     "benchmark": ["modes", "moons", "features", "ns_imagenet"],
     "competitor": ["none", "er_reservoir", "er_random", "mir", "agem", "gdumb", "ensemble"],
     "optimizer": ["adam", "sgd"],
