@@ -4,10 +4,10 @@ A Memory Head's output is linear in the blended weights, ``(Σ_k α_k W_k) x̃ =
 each selected unit can be applied to the samples that selected it and the *outputs* blended: that
 needs ``b × δ × out`` floats where blending the weights needs ``b × δ × u``.
 
-* Evaluation (no gradient): :func:`evaluate`. One key set: :func:`shared_unit_outputs` picks, by a
-  rough cost model, the *grouped* strategy (pairs sorted by unit, one batched product over every unit padded to a
-  common number of rows, a second one over the few crowded units) or the *dense* one (every unit
-  applied to every sample: ``m / δ`` times the arithmetic, no sorting; small layers and GPUs).
+* Evaluation (no gradient): :func:`evaluate`. One key set: :func:`shared_unit_outputs` picks, by
+  a rough cost model, the *grouped* strategy (pairs sorted by unit, one batched product over every
+  unit padded to a common number of rows, a second one over the few crowded units) or the *dense*
+  one (every unit applied to every sample: ``m / δ`` times the arithmetic; small layers and GPUs).
 * Per-neuron key sets: every unit applied to every sample (:func:`per_neuron_outputs_dense`, few
   units) or the selected rows blended by one embedding-bag call per slice of the batch.
 * Training: :class:`SelectedUnits`, an autograd function with the gradients of blending the weights,

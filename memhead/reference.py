@@ -41,7 +41,8 @@ def scores(head, z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         # The paper's formula (cdist takes its matmul expansion for large sizes): no (b, m, d) tensor.
         squared = torch.cdist(z.expand(q, *z.shape), keys).pow(2).transpose(0, 1)
         return torch.exp(-squared / (math.sqrt(d) * head.sigma_eu))
-    return torch.einsum("bd,qmd->bqm", z, keys) / math.sqrt(d)
+    # The paper's z @ K.T, with every key set's keys as columns of one product.
+    return (z @ keys.reshape(-1, d).T).view(len(z), q, -1) / math.sqrt(d)
 
 
 def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

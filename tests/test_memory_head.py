@@ -16,6 +16,13 @@ from memhead.psi import apply_psi
 SQRT2 = math.sqrt(2.0)
 
 
+@pytest.fixture(autouse=True, params=["fast", "reference"])
+def impl(request, monkeypatch):
+    """Every hand-computed test runs on both implementations (the default ``impl`` switched)."""
+    monkeypatch.setitem(MemoryHead.__init__.__kwdefaults__, "impl", request.param)
+    return request.param
+
+
 def make_head(in_features=2, out_features=1, **options) -> MemoryHead:
     options = {"scramble": False, **options}
     return MemoryHead(in_features, out_features, **options)
@@ -569,6 +576,6 @@ def test_check_options_normalises():
 
 
 def test_repr_shows_the_options():
-    text = repr(make_head(4, 2, key_mem_units=3))
+    text = repr(make_head(4, 2, key_mem_units=3, impl="auto"))
     assert "in_features=4, out_features=2, bias=True, key_mem_units=3, delta=2" in text
     assert "impl" not in text and "impl=reference" in repr(make_head(4, 2, impl="reference"))

@@ -98,6 +98,7 @@ def test_resume_in_process_from_each_boundary(tiny_cfg, tmp_path, monkeypatch):
     from memhead import loggers
 
     for k in (0, 3, 6):
+
         def log_boundary(self, i, row, *args, k=k, **kwargs):
             if i == k:
                 raise KeyboardInterrupt  # what a preemption looks like from inside the loop
