@@ -8,9 +8,13 @@ step, the next online step...; medians), so that caches, thread state and machin
 * the online step (batch size 1: forward, loss, zero_grad, backward, optimizer step, as the loop
   body of :mod:`memhead.protocol`), target at most ``STEP_TARGET`` times the floor;
 * evaluation of a ``CHUNK``-sample chunk, target at most ``EVAL_TARGET`` times a plain
-  ``nn.Linear(512, 100)`` on the same chunk, with the peak memory of one chunk;
+  ``nn.Linear(512, 100)`` on the same chunk, with the peak memory of one chunk; the same head with
+  ``distance=euclidean`` (same target) and with per-neuron keys (``PER_NEURON_TARGET``);
+* the reference implementation's online step and evaluation (``impl="reference"``; no target: its
+  cost made visible);
 * a whole NS-ImageNet-shaped stream through :func:`memhead.runner.run` (needs Hydra), target under
-  ``STREAM_TARGET_S`` seconds.
+  ``STREAM_TARGET_S`` seconds, and again with ``distance=euclidean``, whose evaluation time should stay
+  within ``EUCLIDEAN_STREAM_TARGET`` times the cosine stream's.
 
 Options: ``--device cpu|cuda``, ``--quick`` (a smoke run: few repeats, a short stream), ``--repeats N``.
 """
@@ -42,6 +46,13 @@ HEAD_OPTIONS = {
 }  # fmt: skip
 LR, WEIGHT_DECAY = 1e-4, 1e-3
 STEP_TARGET, EVAL_TARGET, STREAM_TARGET_S = 1.5, 8.0, 60.0
+PER_NEURON_TARGET, EUCLIDEAN_STREAM_TARGET = 20.0, 2.0
+# Heads measured beside the paper's: name -> options that differ.
+VARIANTS = {
+    "euclidean": {"distance": "euclidean"},
+    "per_neuron": {"shared_keys": False},
+    "reference": {"impl": "reference"},
+}
 # NS-ImageNet's shape: 100 classes x 3 perturbations; samples per distribution; val keeps the first
 # half of the distributions, as data/ns_imagenet.py does.
 STREAM_SHAPE = {"distributions": 300, "train": 10, "val": 2, "test": 4}
@@ -75,8 +86,8 @@ def make_optimizer(module: torch.nn.Module) -> tuple[torch.optim.Optimizer, str]
     return make_optimizer_factory(cfg)(module), "memhead.runner"
 
 
-def make_head(device: torch.device) -> MemoryHead:
-    return MemoryHead(IN_FEATURES, CLASSES, **HEAD_OPTIONS, device=device)
+def make_head(device: torch.device, **changes) -> MemoryHead:
+    return MemoryHead(IN_FEATURES, CLASSES, **{**HEAD_OPTIONS, **changes}, device=device)
 
 
 class Workload:
@@ -94,14 +105,18 @@ class Workload:
         self.y = torch.randint(0, CLASSES, (stream_length,), device=device)
         self.chunk = self.x[:CHUNK]
         self.position = 0
+        self.variants = {name: make_head(device, **changes) for name, changes in VARIANTS.items()}
+        self.reference_optimizer = make_optimizer(self.variants["reference"])[0]
 
     def floor_steps(self, n: int) -> None:
         for _ in range(n):
             self.floor_optimizer.step()
 
-    def online_steps(self, n: int) -> None:
+    def online_steps(self, n: int, reference: bool = False) -> None:
         """``n`` steps of the protocol's loop body, one sample each, along the stream."""
         head, optimizer = self.head, self.optimizer
+        if reference:
+            head, optimizer = self.variants["reference"], self.reference_optimizer
         head.train()
         for _ in range(n):
             i = self.position
@@ -116,11 +131,12 @@ class Workload:
             for _ in range(n):
                 self.linear(self.chunk)
 
-    def head_chunks(self, n: int) -> None:
-        self.head.eval()
+    def head_chunks(self, n: int, variant: str | None = None) -> None:
+        head = self.head if variant is None else self.variants[variant]
+        head.eval()
         with torch.inference_mode():
             for _ in range(n):
-                self.head(self.chunk)
+                head(self.chunk)
 
 
 def interleaved_medians(
@@ -211,7 +227,7 @@ def write_stream(path: Path, distributions: int, seed: int = 0) -> dict[str, int
     return sizes
 
 
-def run_stream(device: torch.device, distributions: int) -> dict:
+def run_stream(device: torch.device, distributions: int, distance: str = "cosine") -> dict:
     """Seconds of :func:`memhead.runner.run` on a random NS-ImageNet-shaped stream."""
     try:
         from hydra import compose, initialize_config_dir
@@ -227,6 +243,7 @@ def run_stream(device: torch.device, distributions: int) -> dict:
         overrides = [
             "experiment=ns_imagenet_mh", "benchmark=features", f"benchmark.path={tmp}/stream.npz",
             "checkpoint.enabled=false", "progress=false", f"device={device}", "seed=1",
+            f"model.distance={distance}",
         ]  # fmt: skip
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
@@ -302,12 +319,22 @@ def main(argv: list[str] | None = None) -> int:
     prepare_process()
     work = Workload(device)
     peaks = {part: peak_memory(work, part) for part in ("step", "eval")}
-    steps = {"floor": (work.floor_steps, 1), "step": (work.online_steps, 1)}
+    steps = {
+        "floor": (work.floor_steps, 1),
+        "step": (work.online_steps, 1),
+        "reference step": (lambda n: work.online_steps(n, reference=True), 1),
+    }
     chunks = {"linear": (work.linear_chunks, CHUNK), "head": (work.head_chunks, CHUNK)}
+    for variant in VARIANTS:
+        chunks[variant] = (lambda n, variant=variant: work.head_chunks(n, variant), CHUNK)
     per_unit = interleaved_medians(device, steps, repeats)
     per_unit.update(interleaved_medians(device, chunks, max(5, repeats // 3)))
     distributions = QUICK_DISTRIBUTIONS if args.quick else STREAM_SHAPE["distributions"]
-    stream = {"skipped": "--skip-stream"} if args.skip_stream else run_stream(device, distributions)
+    streams = {}
+    for distance in ("cosine", "euclidean"):
+        skipped = {"skipped": "--skip-stream"}
+        streams[distance] = skipped if args.skip_stream else run_stream(device, distributions, distance)
+    stream = streams["cosine"]
 
     step_ratio = per_unit["step"] / per_unit["floor"]
     eval_ratio = per_unit["head"] / per_unit["linear"]
@@ -335,6 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     line(f"nn.Linear eval, chunk {CHUNK}", per_unit["linear"], "1.00")
     line(f"Memory Head eval, chunk {CHUNK}", per_unit["head"], f"{eval_ratio:.2f}", f"<={EVAL_TARGET:g}",
          eval_ratio <= EVAL_TARGET, peaks["eval"])  # fmt: skip
+    targets = {"euclidean": EVAL_TARGET, "per_neuron": PER_NEURON_TARGET, "reference": None}
+    for variant, target in targets.items():
+        ratio = per_unit[variant] / per_unit["linear"]
+        ok = None if target is None else ratio <= target
+        line(f"  {variant.replace('_', '-')} eval", per_unit[variant], f"{ratio:.2f}",
+             "" if target is None else f"<={target:g}", ok)  # fmt: skip
+    line(
+        "  reference online step",
+        per_unit["reference step"],
+        f"{per_unit['reference step'] / per_unit['floor']:.2f}",
+    )
     closed_form_rows(work, repeats, line)
     per_distribution = "/".join(str(STREAM_SHAPE[split]) for split in ("train", "val", "test"))
     shape = f"{distributions} distributions x {per_distribution}"
@@ -347,6 +385,16 @@ def main(argv: list[str] | None = None) -> int:
             f"stream ({shape} train/val/test samples per distribution, runner.run): "
             f"{stream['total_s']:.1f} s (train {stream['train_s']:.1f} s, eval {stream['eval_s']:.1f} s); "
             f"target < {target:.0f} s: {ok}"
+        )
+    euclidean = streams["euclidean"]
+    if "skipped" not in euclidean and "skipped" not in stream:
+        ratio = euclidean["eval_s"] / stream["eval_s"]
+        ok = "pass" if ratio <= EUCLIDEAN_STREAM_TARGET else "FAIL"
+        print(
+            f"stream with distance=euclidean: {euclidean['total_s']:.1f} s "
+            f"(train {euclidean['train_s']:.1f} s, eval {euclidean['eval_s']:.1f} s = "
+            f"{ratio:.2f}x the cosine stream's); "
+            f"target <= {EUCLIDEAN_STREAM_TARGET:g}x: {ok}"
         )
     return 0
 

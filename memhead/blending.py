@@ -4,22 +4,28 @@ A Memory Head's output is linear in the blended weights, ``(Σ_k α_k W_k) x̃ =
 each selected unit can be applied to the samples that selected it and the *outputs* blended: that
 needs ``b × δ × out`` floats where blending the weights needs ``b × δ × u``.
 
-* Evaluation (no gradient), one key set: :func:`shared_unit_outputs` picks, by a rough cost model,
-  the *grouped* strategy (pairs sorted by unit, one batched product over every unit padded to a
-  common number of rows, a second one over the few crowded units) or the *dense* one (every unit
-  applied to every sample: ``m / δ`` times the arithmetic, no sorting; small layers and GPUs).
-* Per-neuron key sets without a gather: :func:`per_neuron_outputs_dense`.
+* Evaluation (no gradient): :func:`evaluate`. One key set: :func:`shared_unit_outputs` picks, by
+  a rough cost model, the *grouped* strategy (pairs sorted by unit, one batched product over every
+  unit padded to a common number of rows, a second one over the few crowded units) or the *dense*
+  one (every unit applied to every sample: ``m / δ`` times the arithmetic; small layers and GPUs).
+* Per-neuron key sets: every unit applied to every sample (:func:`per_neuron_outputs_dense`, few
+  units) or the selected rows blended by one embedding-bag call per slice of the batch.
 * Training: :class:`SelectedUnits`, an autograd function with the gradients of blending the weights,
-  whose memory gradient reuses the previous step's tensor (:class:`GradientRecycler`).
+  whose memory gradient reuses the previous step's tensor (:class:`GradientRecycler`). (With layer
+  norm the gains multiply the weights; training then blends weights, :func:`memhead.reference.output`.)
 * :class:`cpu_threads`: small CPU work on one thread, large products on the whole team.
 """
 
 from __future__ import annotations
 
 import bisect
+import weakref
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from memhead import reference
 
 # Multiply-adds a device performs in the time of the grouped strategy's overhead per unit (sorting,
 # padding, gathering; about a library call): its exchange rate with the dense strategy's arithmetic.
@@ -99,6 +105,53 @@ def prefer_dense(
     extra_macs = batch * (units - delta) * unit_macs
     calls = min(units, batch * delta)
     return extra_macs <= calls * _macs_per_call(device)
+
+
+def evaluate(head, alpha: torch.Tensor, top_indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`memhead.reference.output`'s values ``(b, out)`` without per-sample weights in memory.
+
+    Only for forwards that need no gradient (the runners-up of ``upd_m=WTA`` are not detached here).
+    """
+    n_cols = head.in_features + int(head.bias)
+    if head.shared_keys:
+        memories, inputs = head.memories[0], x
+        if head.layer_norm:
+            inputs = _layer_norm_inputs(head, memories, alpha[:, 0], top_indices[:, 0], x)
+        units = memories[:, : head.weight_size].view(head.key_mem_units, head.out_features, n_cols)
+        return shared_unit_outputs(inputs, units, top_indices[:, 0], alpha[:, 0], head.bias)
+    batch, q, delta = top_indices.shape
+    if not head.layer_norm and prefer_dense(
+        batch, head.key_mem_units, delta, q * n_cols, x.device, "gathered"
+    ):
+        inputs = F.pad(x, (0, 1), value=1.0) if head.bias else x
+        return per_neuron_outputs_dense(inputs, head.memories[..., :n_cols], top_indices, alpha)
+    # Per-neuron units are single rows: one embedding-bag call blends them (no gathered copies), in
+    # slices of the batch that stay in cache.
+    table = head.memories.view(q * head.key_mem_units, head.unit_size)
+    unit_rows = reference.rows(head, top_indices, dim=1).reshape(-1, delta)
+    weights = alpha.reshape(-1, delta)
+    output = x.new_empty(batch, head.out_features)
+    step = max(1, SLICE_FLOATS // (q * head.unit_size))
+    for lo in range(0, batch, step):
+        hi = min(lo + step, batch)
+        with cpu_threads(x.device, parallel=(hi - lo) * q * delta * head.unit_size >= (1 << 20)):
+            pairs = slice(lo * q, hi * q)
+            blended = F.embedding_bag(unit_rows[pairs], table, per_sample_weights=weights[pairs], mode="sum")
+            output[lo:hi] = reference.apply_units(head, blended.view(hi - lo, q, -1), x[lo:hi])
+    return output
+
+
+def _layer_norm_inputs(head, memories, alpha, indices, x):
+    """``G ⊙ (norm(x) + B)`` per sample, from the blended gains ``G`` and shifts ``B`` (one key set).
+
+    ``(G ⊙ W) n + Σ_i (G ⊙ W)_i B_i = W (G ⊙ (n + B))``: the layer-norm output is the blended ``W``
+    applied to this vector, so only the ``2 * in_features`` gains and shifts are blended per sample.
+    """
+    batch, delta = indices.shape
+    scales = memories[:, head.weight_size :].index_select(0, indices.reshape(-1)).view(batch, delta, -1)
+    blended = torch.bmm(alpha[:, None, :], scales).squeeze(1)
+    n_in = head.in_features
+    return blended[:, :n_in] * (reference.normalise(x) + blended[:, n_in:])
 
 
 def shared_unit_outputs(
@@ -260,35 +313,40 @@ def per_neuron_outputs_dense(
     return result
 
 
-def _storage_references(tensor: torch.Tensor) -> int | None:
-    # Private, but long-standing; without it recycling is simply off.
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if count is None else count(tensor.untyped_storage()._cdata)
-
-
 class GradientRecycler:
     """Hands the previous step's memory gradient back to the next backward, zeroed where it was written.
 
     A memory gradient is zero outside the rows of the selected units, so the tensor the last backward
-    produced can serve again once those rows are zeroed — provided nobody else can see it: the
-    parameter has no gradient (the optimizer's ``zero_grad(set_to_none=True)`` dropped it), no other
-    tensor shares its storage (it keeps a private alias and counts the storage's references), and it
-    was not changed in place since (version counter). That spares a full-size allocation, its page
-    faults and its zero fill in every online step. Otherwise (gradients being accumulated, a gradient
-    kept, edited or returned by ``torch.autograd.grad``) a fresh zero tensor is used, as autograd would.
+    produced can serve again once those rows are zeroed — provided nobody can see it any more. Public
+    means tell: a post-accumulate-grad hook on the parameter records the gradient tensor autograd
+    adopted (a weak reference) and its version. The tensor is reused only when that gradient and every
+    view of it are gone (``zero_grad(set_to_none=True)`` dropped it and nobody kept it) and it was not
+    changed in place. Otherwise (gradients accumulated, a gradient kept or edited, one returned by
+    ``torch.autograd.grad``) a fresh zero tensor is used, as autograd would. That spares a full-size
+    allocation and zero fill per online step. One thing it cannot see: an alias made with
+    ``.detach()``, ``.data`` or ``.numpy()`` and kept past ``zero_grad``; keep ``.clone()`` instead.
     """
 
-    def __init__(self) -> None:
-        self._alias: torch.Tensor | None = None
+    def __init__(self, parameter: torch.Tensor | None = None) -> None:
+        self._buffer: torch.Tensor | None = None  # our alias of the storage last handed out
         self._rows: torch.Tensor | None = None
+        self._adopted: weakref.ref | None = None
         self._version = -1
-        self._alone = -1
+        if parameter is not None:
+            parameter.register_post_accumulate_grad_hook(self._adopt)
 
     def __deepcopy__(self, memo) -> GradientRecycler:
-        return GradientRecycler()  # a copy's gradients are its own
+        return GradientRecycler()  # a copy's parameter has no hook: its gradients are always fresh
 
     def __getstate__(self) -> dict:
         return GradientRecycler().__dict__
+
+    def _adopt(self, parameter: torch.Tensor) -> None:
+        grad, buffer = parameter.grad, self._buffer
+        if buffer is not None and grad is not None and grad.data_ptr() == buffer.data_ptr():
+            self._adopted, self._version = weakref.ref(grad), grad._version
+        else:  # added into an existing gradient, or copied: not ours to reuse
+            self._adopted, self._buffer = None, None
 
     def acquire(self, parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A gradient tensor shaped like ``parameter`` and the rows of it that are not zero yet.
@@ -297,25 +355,24 @@ class GradientRecycler:
             ``(tensor, stale)``: ``stale`` is ``None`` for a fresh zero tensor, else the rows (of
             ``tensor.view(-1, u)``) the caller must zero or overwrite; all other rows are zero.
         """
-        alias = self._alias
+        buffer, adopted = self._buffer, self._adopted
+        self._adopted = None  # handed out again: unknown until adopted
         if (
-            alias is not None
-            and alias._version == self._version
+            buffer is not None
+            and adopted is not None
+            and adopted() is None
+            and buffer._version == self._version
             and parameter.grad is None
-            and alias.shape == parameter.shape
-            and _storage_references(alias) == self._alone
+            and buffer.shape == parameter.shape
         ):
-            return alias.detach(), self._rows  # a new tensor object: autograd can adopt it
+            return buffer.detach(), self._rows  # a new tensor object: autograd can adopt it
         fresh = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
-        self._alias = fresh.detach()
-        references = _storage_references(self._alias)
-        self._alone = -1 if references is None else references - 1  # without ``fresh``
+        self._buffer = fresh.detach()
         return fresh, None
 
-    def remember(self, grad: torch.Tensor, rows: torch.Tensor) -> None:
-        """After writing ``rows`` (of ``grad.view(-1, u)``), the only rows that are not zero."""
+    def remember(self, rows: torch.Tensor) -> None:
+        """After writing ``rows`` (of the gradient's ``view(-1, u)``), the only rows that are not zero."""
         self._rows = rows
-        self._version = grad._version
 
 
 class SelectedUnits(torch.autograd.Function):
@@ -400,5 +457,5 @@ def _memory_gradient(ctx, rows, attention, inputs, grad_output):
             flat.index_fill_(0, stale, 0)
         outer = torch.bmm(kept.reshape(batch, -1, 1), inputs[:, None, :])  # (b, q·δ'·R, n)
         flat.index_add_(0, kept_rows, outer.view(-1, flat.shape[1]))
-    ctx.recycler.remember(grad, kept_rows)
+    ctx.recycler.remember(kept_rows)
     return grad

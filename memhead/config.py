@@ -18,6 +18,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from memhead.layer import CHOICES
+
 
 class Order(Enum):
     IID = "IID"
@@ -31,28 +33,12 @@ class Loss(Enum):
     hinge = "hinge"
 
 
-class Distance(Enum):
-    cosine = "cosine"
-    euclidean = "euclidean"
-    dot_scaled = "dot_scaled"
-
-
-class Psi(Enum):
-    identity = "identity"
-    sign = "sign"
-    resize1d = "resize1d"
-    resize2d = "resize2d"
-
-
-class UpdM(Enum):
-    vanilla = "vanilla"
-    WTA = "WTA"
-
-
-class UpdK(Enum):
-    ad_hoc_WTA = "ad_hoc_WTA"
-    grad_WTA = "grad_WTA"
-    grad_not_WTA = "grad_not_WTA"
+# The Memory Head's closed option sets come from the layer's signature (memhead.layer.CHOICES).
+Distance = Enum("Distance", {name: name for name in CHOICES["distance"]})
+Psi = Enum("Psi", {name: name for name in CHOICES["psi"]})
+UpdM = Enum("UpdM", {name: name for name in CHOICES["upd_m"]})
+UpdK = Enum("UpdK", {name: name for name in CHOICES["upd_k"]})
+Impl = Enum("Impl", {name: name for name in CHOICES["impl"]})
 
 
 class NCMMetric(Enum):
@@ -110,6 +96,7 @@ class MHConfig:
     shared_keys: bool = MISSING
     layer_norm: bool = MISSING
     random_memories: bool = MISSING
+    impl: Impl = MISSING
 
 
 @dataclass

@@ -8,6 +8,7 @@ exact update of running statistics instead, and has no trainable parameters.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -68,7 +69,19 @@ def check_model(cfg, in_features: int, competitor: str = "none") -> None:
     if cfg.name == "mh":
         from memhead.layer import check_options
 
-        check_options(hidden or in_features, 1, **head_options(cfg))
+        with layer_errors_as_config_errors():
+            check_options(hidden or in_features, 1, **head_options(cfg))
+
+
+@contextmanager
+def layer_errors_as_config_errors():
+    """The layer names its arguments (``upd_k='foo' ...``); a run names config paths (``model.upd_k``)."""
+    from memhead.layer import MemoryHeadOptionError
+
+    try:
+        yield
+    except MemoryHeadOptionError as error:
+        raise ConfigError(error.option_message("model.")) from None
 
 
 @MODELS.register("lp")
@@ -89,9 +102,10 @@ def build_mlp(cfg, in_features: int, num_classes: int) -> nn.Module:
 def build_mh(cfg, in_features: int, num_classes: int) -> nn.Module:
     from memhead.layer import MemoryHead
 
-    head = MemoryHead(
-        in_features if cfg.hidden is None else cfg.hidden, num_classes, bias=cfg.bias, **head_options(cfg)
-    )
+    with layer_errors_as_config_errors():
+        head = MemoryHead(
+            in_features if cfg.hidden is None else cfg.hidden, num_classes, bias=cfg.bias, **head_options(cfg)
+        )
     if cfg.hidden is None:
         return head
     return nn.Sequential(nn.Linear(in_features, cfg.hidden, bias=cfg.bias), nn.Tanh(), head)

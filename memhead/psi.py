@@ -1,4 +1,8 @@
-"""The maps ψ from a Memory Head's input to its key space (the query before any normalisation)."""
+"""The maps ψ from a Memory Head's input to its key space (the query before any normalisation).
+
+Each map takes a batch ``(b, *shape)`` and the key size ``d`` and returns ``(b, d)``; ``identity`` and
+``sign`` produce ``d = in_features`` only (the layer checks that), the resizes any ``d``.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from memhead.registry import ConfigError
-
-PSI_NAMES = ("identity", "sign", "resize1d", "resize2d")
-
-
-def query_size(psi: str, in_features: int, key_size: int | None) -> int:
-    """The key size ``d`` that ``psi`` produces from ``in_features`` input values.
-
-    Args:
-        psi: one of :data:`PSI_NAMES`.
-        in_features: flattened size of one input sample.
-        key_size: the requested key size, or ``None`` for "what ψ produces".
-
-    Returns:
-        The key size ``d``.
-
-    Raises:
-        ConfigError: if ``psi`` cannot produce ``key_size``.
-    """
-    if key_size is None:
-        return in_features
-    if psi in ("identity", "sign") and key_size != in_features:
-        raise ConfigError(
-            f"model.key_size={key_size} cannot be produced by model.psi={psi}; "
-            f"allowed: null or {in_features} (in_features)"
-        )
-    return key_size
 
 
 def resize2d_shape(channels: int, height: int, width: int, key_size: int) -> tuple[int, int]:
@@ -53,6 +31,34 @@ def resize2d_shape(channels: int, height: int, width: int, key_size: int) -> tup
     return new_height, new_width
 
 
+def _identity(x: torch.Tensor, key_size: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _sign(x: torch.Tensor, key_size: int) -> torch.Tensor:
+    return torch.sign(x.reshape(x.shape[0], -1))
+
+
+def _resize1d(x: torch.Tensor, key_size: int) -> torch.Tensor:
+    flat = x.reshape(x.shape[0], 1, -1)
+    if flat.shape[-1] != key_size:
+        flat = F.interpolate(flat, size=key_size, mode="linear")
+    return flat.reshape(x.shape[0], key_size)
+
+
+def _resize2d(x: torch.Tensor, key_size: int) -> torch.Tensor:
+    if x.dim() != 4:
+        raise ValueError(f"psi=resize2d expects an input of shape (b, C, H, W), got {tuple(x.shape)}")
+    size = resize2d_shape(*x.shape[1:], key_size)
+    resized = F.interpolate(x, size=size, mode="bilinear").reshape(x.shape[0], -1)
+    # C * h' * w' <= d by construction; the rest of the key space is zero.
+    return F.pad(resized, (0, key_size - resized.shape[1]))
+
+
+MAPS = {"identity": _identity, "sign": _sign, "resize1d": _resize1d, "resize2d": _resize2d}
+PSI_NAMES = tuple(MAPS)
+
+
 def apply_psi(psi: str, x: torch.Tensor, key_size: int) -> torch.Tensor:
     """Map a batch ``x`` of shape ``(b, *shape)`` to queries of shape ``(b, key_size)``.
 
@@ -64,22 +70,4 @@ def apply_psi(psi: str, x: torch.Tensor, key_size: int) -> torch.Tensor:
     Returns:
         The (not yet normalised) queries.
     """
-    batch = x.shape[0]
-    if psi == "identity":
-        return x.reshape(batch, -1)
-    if psi == "sign":
-        return torch.sign(x.reshape(batch, -1))
-    if psi == "resize1d":
-        flat = x.reshape(batch, 1, -1)
-        if flat.shape[-1] == key_size:
-            return flat.reshape(batch, key_size)
-        return F.interpolate(flat, size=key_size, mode="linear").reshape(batch, key_size)
-    if psi == "resize2d":
-        if x.dim() != 4:
-            raise ValueError(f"psi=resize2d expects an input of shape (b, C, H, W), got {tuple(x.shape)}")
-        channels, height, width = x.shape[1:]
-        size = resize2d_shape(channels, height, width, key_size)
-        resized = F.interpolate(x, size=size, mode="bilinear").reshape(batch, -1)
-        # C * h' * w' <= d by construction; the rest of the key space is zero.
-        return F.pad(resized, (0, key_size - resized.shape[1]))
-    raise ConfigError(f"model.psi={psi!r} is not allowed; allowed: {', '.join(PSI_NAMES)}")
+    return MAPS[psi](x, key_size)

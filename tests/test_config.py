@@ -68,7 +68,11 @@ def run_cli(*args, timeout=120):
         (["model.distance=manhattan"], ["model.distance", "cosine", "euclidean", "dot_scaled"]),
         (["device=gpu"], ["device", "cpu", "cuda"]),
         (["model.scramble=true", "model.upd_k=grad_WTA"], ["scramble", "ad_hoc_WTA"]),
-        (["model.key_mem_units=0"], ["key_mem_units"]),
+        (["model.key_mem_units=0"], ["model.key_mem_units=0", "an integer >= 1"]),
+        (["model.gamma_alpha=0"], ["model.gamma_alpha=0", "a number > 0"]),
+        (["model.beta_k=-0.5"], ["model.beta_k=-0.5", ">= 0"]),
+        (["model.tau_alpha=1.5"], ["model.tau_alpha=1.5", "model.distance=euclidean", "<= 1"]),
+        (["model.impl=gpu"], ["model.impl", "auto", "reference", "fast"]),
         (
             ["benchmark=features", "benchmark.path=/nonexistent/x.npz"],
             ["benchmark.path", "/nonexistent/x.npz"],

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import copy
 import enum
-import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from memhead.layer import DEFAULT_OPTIONS, MemoryHead, check_options
+from memhead.layer import MemoryHead, MemoryHeadOptionError, check_options
 from memhead.psi import apply_psi
-from memhead.registry import ConfigError
 
 SQRT2 = math.sqrt(2.0)
+
+
+@pytest.fixture(autouse=True, params=["fast", "reference"])
+def impl(request, monkeypatch):
+    """Every hand-computed test runs on both implementations (the default ``impl`` switched)."""
+    monkeypatch.setitem(MemoryHead.__init__.__kwdefaults__, "impl", request.param)
+    return request.param
 
 
 def make_head(in_features=2, out_features=1, **options) -> MemoryHead:
@@ -491,31 +496,67 @@ def test_cuda_matches_cpu(shared_keys, upd_k, scramble):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"upd_k": "foo"}, "model.upd_k='foo' is not allowed; allowed: ad_hoc_WTA, grad_WTA, grad_not_WTA"),
-        ({"upd_m": "all"}, "model.upd_m='all' is not allowed; allowed: vanilla, WTA"),
-        ({"distance": "l1"}, "model.distance='l1' is not allowed; allowed: cosine, euclidean, dot_scaled"),
-        ({"psi": "pca"}, "model.psi='pca' is not allowed; allowed: identity, sign, resize1d, resize2d"),
-        ({"upd_k": "grad_WTA"}, "model.scramble=true requires model.upd_k=ad_hoc_WTA"),
-        ({"tau_mu": None}, "model.tau_mu=null is not allowed with model.scramble=true; allowed: a number"),
-        ({"beta_k": None}, "model.beta_k=null is not allowed with model.upd_k=ad_hoc_WTA; allowed: a number"),
-        ({"key_mem_units": 0}, "model.key_mem_units=0 is not allowed; allowed: an integer >= 1"),
-        ({"delta": 0}, "model.delta=0 is not allowed; allowed: an integer >= 1"),
-        ({"key_size": 3}, "model.key_size=3 cannot be produced by model.psi=identity; allowed: null or 4"),
+        ({"upd_k": "foo"}, "upd_k='foo' is not allowed; allowed: ad_hoc_WTA, grad_WTA, grad_not_WTA"),
+        ({"upd_m": "all"}, "upd_m='all' is not allowed; allowed: vanilla, WTA"),
+        ({"distance": "l1"}, "distance='l1' is not allowed; allowed: cosine, euclidean, dot_scaled"),
+        ({"psi": "pca"}, "psi='pca' is not allowed; allowed: identity, sign, resize1d, resize2d"),
+        ({"impl": "cuda"}, "impl='cuda' is not allowed; allowed: auto, reference, fast"),
+        ({"upd_k": "grad_WTA"}, "scramble=true requires upd_k=ad_hoc_WTA"),
+        ({"tau_mu": None}, "tau_mu=null is not allowed with scramble=true; allowed: a number"),
+        ({"beta_k": None}, "beta_k=null is not allowed with upd_k=ad_hoc_WTA; allowed: a number"),
+        ({"beta_k": -0.1}, "beta_k=-0.1 is not allowed; allowed: a number >= 0"),
+        ({"gamma_alpha": 0}, "gamma_alpha=0 is not allowed; allowed: a number > 0"),
+        ({"gamma_alpha": -2.0}, "gamma_alpha=-2.0 is not allowed; allowed: a number > 0"),
         (
-            {"psi": "sign", "key_size": 2},
-            "model.key_size=2 cannot be produced by model.psi=sign; allowed: null or 4",
+            {"distance": "euclidean", "tau_alpha": 1.5},
+            "tau_alpha=1.5 is not allowed with distance=euclidean; allowed: a number > 0 and <= 1",
         ),
-        ({"scramble": "maybe"}, "model.scramble='maybe' is not allowed; allowed: true, false"),
-        ({"colour": 1}, "model.colour is not a Memory Head option"),
+        (
+            {"distance": "euclidean", "tau_alpha": 0.0},
+            "tau_alpha=0.0 is not allowed with distance=euclidean; allowed: a number > 0 and <= 1",
+        ),
+        # Cosine scores lie in [-1/sqrt(d), 1/sqrt(d)] = [-0.5, 0.5] for d = 4.
+        (
+            {"distance": "cosine", "tau_alpha": -0.5},
+            "tau_alpha=-0.5 is not allowed with distance=cosine; allowed: a number > -0.5 and <= 1",
+        ),
+        ({"distance": "cosine", "tau_alpha": 1.2}, "tau_alpha=1.2 is not allowed with distance=cosine"),
+        ({"key_mem_units": 0}, "key_mem_units=0 is not allowed; allowed: an integer >= 1"),
+        ({"delta": 0}, "delta=0 is not allowed; allowed: an integer >= 1"),
+        ({"key_size": 3}, "key_size=3 cannot be produced by psi=identity; allowed: null or 4"),
+        ({"psi": "sign", "key_size": 2}, "key_size=2 cannot be produced by psi=sign; allowed: null or 4"),
+        ({"scramble": "maybe"}, "scramble='maybe' is not allowed; allowed: true, false"),
+        ({"colour": 1}, "colour is not a Memory Head option"),
     ],
 )
 def test_check_options_rejects(options, message):
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(MemoryHeadOptionError) as error:
         check_options(4, 2, **options)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert isinstance(error.value, ValueError)
     if "colour" not in options:  # (an unknown keyword is a TypeError for the constructor)
-        with pytest.raises(ConfigError):
+        with pytest.raises(MemoryHeadOptionError):
             MemoryHead(4, 2, **options)
+
+
+def test_option_errors_name_config_paths_when_asked():
+    with pytest.raises(MemoryHeadOptionError) as error:
+        check_options(4, 2, upd_k="grad_WTA")
+    assert error.value.option_message("model.") == "model.scramble=true requires model.upd_k=ad_hoc_WTA"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"distance": "cosine", "tau_alpha": 0.7},  # the paper's NS-ImageNet value: above 1/sqrt(d)
+        {"distance": "euclidean", "tau_alpha": 1.0},
+        {"distance": "dot_scaled", "tau_alpha": -30.0},  # dot_scaled scores are unbounded
+        {"distance": "euclidean", "tau_alpha": 7.0, "scramble": False},  # not read without scrambling
+        {"beta_k": 0.0},
+    ],
+)
+def test_check_options_accepts_thresholds_the_scores_can_cross(options):
+    assert check_options(4, 2, **options)["tau_alpha"] == options.get("tau_alpha", 0.95)
 
 
 def test_check_options_normalises():
@@ -526,7 +567,7 @@ def test_check_options_normalises():
                          psi="resize1d", key_size=9)  # fmt: skip
     assert opts["upd_k"] == "grad_not_WTA" and opts["scramble"] is False and opts["key_size"] == 9
     assert check_options(4, 2)["key_size"] == 4
-    with pytest.warns(UserWarning, match="delta=7 is above model.key_mem_units=3"):
+    with pytest.warns(UserWarning, match="delta=7 is above key_mem_units=3"):
         assert check_options(4, 2, key_mem_units=3, delta=7)["delta"] == 3
     with pytest.warns(UserWarning):
         head = MemoryHead(4, 2, key_mem_units=3, delta=7)
@@ -534,8 +575,7 @@ def test_check_options_normalises():
     assert head.last_top_indices.shape == (2, 1, 3)
 
 
-def test_constructor_defaults_are_the_documented_ones():
-    parameters = inspect.signature(MemoryHead.__init__).parameters
-    assert {name: parameters[name].default for name in DEFAULT_OPTIONS} == DEFAULT_OPTIONS
-    text = repr(make_head(4, 2, key_mem_units=3))
+def test_repr_shows_the_options():
+    text = repr(make_head(4, 2, key_mem_units=3, impl="auto"))
     assert "in_features=4, out_features=2, bias=True, key_mem_units=3, delta=2" in text
+    assert "impl" not in text and "impl=reference" in repr(make_head(4, 2, impl="reference"))

@@ -1,5 +1,6 @@
-"""The Memory Head's fast paths against a straightforward reference: blend each sample's weights from
-its selected units, then apply them (shared/spec/memory-head.md, forward pass steps 1-6)."""
+"""The Memory Head's fast path (impl="fast") against its reference (impl="reference", the
+specification's steps in memhead.reference): outputs, winners, gradients and state on every option
+combination; exact ties; autograd's view of the in-place state changes; the recycled gradient."""
 
 from __future__ import annotations
 
@@ -16,60 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memhead import blending
+from memhead import blending, reference
 from memhead.layer import MemoryHead
 
 REPO = Path(__file__).resolve().parents[1]
 IN, OUT, UNITS, DELTA = 6, 4, 5, 2
-
-
-def reference_forward(head: MemoryHead, keys: torch.Tensor, memories: torch.Tensor, x: torch.Tensor):
-    """Output ``(b, out)`` and top-δ indices ``(b, q, δ)``, one sample and key set at a time.
-
-    ``keys`` and ``memories`` are the head's state as separate leaves, so that their gradients can be
-    compared with the head's.
-    """
-    flat = x.reshape(len(x), -1)
-    through_query = head.distance == "cosine" and head.upd_k != "ad_hoc_WTA"
-    queries = flat if through_query else flat.detach()
-    if head.distance == "cosine":
-        queries = F.normalize(queries, dim=-1)
-    d = head.key_size
-    if head.distance == "euclidean":
-        squared = ((queries[:, None, None] - keys[None]) ** 2).sum(-1)
-        scores = torch.exp(-squared / (math.sqrt(d) * head.sigma_eu))
-    else:
-        scores = (queries[:, None, None] * keys[None]).sum(-1) / math.sqrt(d)
-    top_scores, top_indices = scores.topk(head.delta, dim=-1)
-    attention = torch.softmax(head.gamma_alpha * top_scores, dim=-1)
-
-    n_in, n_cols = head.in_features, head.in_features + int(head.bias)
-    rows_per_unit = head.out_features if head.shared_keys else 1
-    outputs = []
-    for b in range(len(flat)):
-        sample = []
-        for s in range(head.num_key_sets):
-            weights = 0
-            for k in range(head.delta):
-                unit, alpha = memories[s, top_indices[b, s, k]], attention[b, s, k]
-                if head.upd_m == "WTA" and k > 0:
-                    unit = unit.detach()
-                    if head.upd_k == "grad_WTA":
-                        alpha = alpha.detach()
-                weights = weights + alpha * unit
-            matrix = weights[: head.weight_size].view(rows_per_unit, n_cols)
-            w, bias = matrix[:, :n_in], (matrix[:, n_in] if head.bias else 0)
-            xb = flat[b]
-            if head.layer_norm:
-                gains = weights[head.weight_size : head.weight_size + n_in]
-                shifts = weights[head.weight_size + n_in :]
-                normalised = (xb - xb.mean()) / (xb.var() + 1e-5)
-                w = gains * w
-                bias = bias + (w * shifts).sum(-1)
-                xb = normalised
-            sample.append(w @ xb + bias)
-        outputs.append(torch.cat(sample))
-    return torch.stack(outputs), top_indices
 
 
 def make_head(dtype=torch.float32, **options) -> MemoryHead:
@@ -79,6 +31,20 @@ def make_head(dtype=torch.float32, **options) -> MemoryHead:
     with torch.no_grad():  # layer-norm gains and shifts away from 1 and 0, so that they matter
         head.memories.add_(0.3 * torch.randn_like(head.memories))
     return head
+
+
+def as_reference(head: MemoryHead) -> MemoryHead:
+    """A copy of ``head`` (same state) that runs the reference implementation."""
+    twin = copy.deepcopy(head)
+    twin.impl = "reference"
+    return twin
+
+
+def reference_forward(head: MemoryHead, x: torch.Tensor):
+    """The reference's output and top-δ indices for ``head``'s state (``head`` unchanged)."""
+    twin = as_reference(head)
+    output = twin(x)
+    return output, twin.last_top_indices
 
 
 def tolerance(dtype) -> dict:
@@ -109,11 +75,11 @@ def strategy(request, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_evaluation_equals_blended_weights(config, batch, dtype, strategy):
+def test_evaluation_equals_the_reference(config, batch, dtype, strategy):
     head = make_head(dtype, **config).eval()
     x = torch.randn(batch, IN, dtype=dtype)
     with torch.no_grad():
-        expected, indices = reference_forward(head, head.keys, head.memories, x)
+        expected, indices = reference_forward(head, x)
     with torch.inference_mode():
         output = head(x)
     torch.testing.assert_close(output, expected, **tolerance(dtype))
@@ -123,25 +89,119 @@ def test_evaluation_equals_blended_weights(config, batch, dtype, strategy):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_training_forward_and_gradients_equal_blended_weights(config, batch, dtype):
+def test_training_step_equals_the_reference(config, batch, dtype):
+    """Output, winners, every gradient (memories, gradient-trained keys, input) and the state after
+    the step's key update."""
     head = make_head(dtype, **config).train()
-    keys = head.keys.detach().clone().requires_grad_(head.upd_k != "ad_hoc_WTA")
-    memories = head.memories.detach().clone().requires_grad_(True)
+    twin = as_reference(head)
     x = torch.randn(batch, IN, dtype=dtype)
     x_head, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     upstream = torch.randn(batch, OUT, dtype=dtype)
 
-    expected, indices = reference_forward(head, keys, memories, x_ref)
-    output = head(x_head)
+    output, expected = head(x_head), twin(x_ref)
     torch.testing.assert_close(output, expected, **tolerance(dtype))
-    assert torch.equal(head.last_top_indices, indices)
+    assert torch.equal(head.last_top_indices, twin.last_top_indices)
 
     (expected * upstream).sum().backward()
     (output * upstream).sum().backward()
-    torch.testing.assert_close(head.memories.grad, memories.grad, **tolerance(dtype))
+    torch.testing.assert_close(head.memories.grad, twin.memories.grad, **tolerance(dtype))
     if head.upd_k != "ad_hoc_WTA":
-        torch.testing.assert_close(head.keys.grad, keys.grad, **tolerance(dtype))
+        torch.testing.assert_close(head.keys.grad, twin.keys.grad, **tolerance(dtype))
     torch.testing.assert_close(x_head.grad, x_ref.grad, **tolerance(dtype))
+    for name, value in twin.state_dict().items():
+        torch.testing.assert_close(head.state_dict()[name], value, **tolerance(dtype), msg=name)
+
+
+@pytest.mark.parametrize("shared_keys", [True, False])
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "dot_scaled"])
+def test_a_scrambling_stream_equals_the_reference(distance, shared_keys):
+    """Many steps of batches 1 and 3 with scrambling and Adam: the same winners and state throughout."""
+    options = {"distance": distance, "shared_keys": shared_keys, "scramble": True, "tau_eta": 3, "tau_mu": 2}
+    options["tau_alpha"] = 0.9 if distance == "euclidean" else 0.5
+    head = make_head(torch.float64, **options).train()
+    twin = as_reference(head)
+    optimizers = [torch.optim.Adam(h.parameters(), lr=1e-2) for h in (head, twin)]
+    stream = torch.randn(80, IN, dtype=torch.float64) * 2
+    targets = torch.randint(0, OUT, (80,))
+    for step in range(40):
+        batch = slice(step * 2, step * 2 + 1 + 2 * (step % 2))
+        for h, optimizer in zip((head, twin), optimizers):
+            loss = F.cross_entropy(h(stream[batch]), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        assert torch.equal(head.last_top_indices, twin.last_top_indices), step
+        for name, value in twin.state_dict().items():
+            torch.testing.assert_close(head.state_dict()[name], value, msg=name)
+    assert head.scramble_count.sum() > 0
+
+
+# --- exact ties: torch.topk's choice on the paper's score formula --------------------------------
+
+
+def papers_top_indices(head: MemoryHead, x: torch.Tensor) -> torch.Tensor:
+    """What the paper's code selects: per key set, ``exp(-cdist(z, K)^2 / (sqrt(d) sigma))`` or
+    ``z K^T / sqrt(d)``, then ``torch.topk``."""
+    z = torch.sign(x) if head.psi == "sign" else x
+    if head.distance == "cosine":
+        z = F.normalize(z, dim=-1)
+    d, selected = head.key_size, []
+    for keys in head.keys.detach():
+        if head.distance == "euclidean":
+            scores = torch.exp(-torch.cdist(z, keys).pow(2) / (math.sqrt(d) * head.sigma_eu))
+        else:
+            scores = z @ keys.T / math.sqrt(d)
+        selected.append(scores.topk(head.delta, dim=-1).indices)
+    return torch.stack(selected, dim=1)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("shared_keys", [True, False])
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_exact_ties_pick_what_topk_picks_on_the_papers_scores(distance, shared_keys, impl):
+    """Sign queries against keys drawn from a few sign patterns: whole groups of keys score exactly
+    alike, in training (batches of 1 and 40, scrambling) and in evaluation."""
+    torch.manual_seed(0)
+    head = MemoryHead(
+        8, 3, key_mem_units=12, delta=3, distance=distance, psi="sign", shared_keys=shared_keys,
+        tau_alpha=0.9 if distance == "euclidean" else 0.3, tau_mu=3, tau_eta=5, impl=impl,
+    )  # fmt: skip
+    patterns = torch.sign(torch.randn(3, 8))
+    with torch.no_grad():
+        head.keys.copy_(patterns[torch.randint(0, 3, head.keys.shape[:2])])
+        if distance == "cosine":
+            head.keys.copy_(F.normalize(head.keys, dim=-1))
+    stream = torch.randn(200, 8)
+    not_lowest_index = 0
+    for step, batch in enumerate([slice(i, i + 1) for i in range(60)] + [slice(60, 100), slice(100, 140)]):
+        x = stream[batch]
+        expected = papers_top_indices(head, x)
+        head.train()(x)
+        assert torch.equal(head.last_top_indices, expected), step
+        lowest = torch.sort(expected, dim=-1).values
+        not_lowest_index += int((expected != lowest).any())
+    head.eval()
+    with torch.no_grad():
+        expected = papers_top_indices(head, stream[140:])
+        head(stream[140:])
+    assert torch.equal(head.last_top_indices, expected)
+    assert not_lowest_index > 0  # ties that "lowest index first" would have broken otherwise
+
+
+# --- autograd sees the key update's in-place changes -----------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_graph_that_saved_memories_before_a_scramble_refuses_to_backpropagate(batch, impl):
+    head = make_head(scramble=True, tau_alpha=1.0, tau_eta=0, impl=impl).train()  # every key weak
+    saved = (head.memories**2).sum()  # pow saves the memories
+    keys_before = head.keys.clone()
+    output = head(torch.randn(batch, IN))
+    assert head.scramble_count.item() == 1 and not torch.equal(head.keys, keys_before)
+    output.sum().backward()  # the forward's own graph stays valid
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
@@ -151,13 +211,12 @@ def test_units_without_bias(upd_m, shared_keys, layer_norm, strategy):
     head = make_head(torch.float64, bias=False, upd_m=upd_m, shared_keys=shared_keys, layer_norm=layer_norm)
     x = torch.randn(6, IN, dtype=torch.float64)
     with torch.no_grad():
-        expected, _ = reference_forward(head, head.keys, head.memories, x)
-        torch.testing.assert_close(head.eval()(x), expected, **tolerance(torch.float64))
-    memories = head.memories.detach().clone().requires_grad_(True)
-    expected, _ = reference_forward(head, head.keys, memories, x)
-    expected.sum().backward()
-    head.train()(x).sum().backward()
-    torch.testing.assert_close(head.memories.grad, memories.grad, **tolerance(torch.float64))
+        expected, _ = reference_forward(head.eval(), x)
+        torch.testing.assert_close(head(x), expected, **tolerance(torch.float64))
+    twin = as_reference(head.train())
+    twin(x).sum().backward()
+    head(x).sum().backward()
+    torch.testing.assert_close(head.memories.grad, twin.memories.grad, **tolerance(torch.float64))
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
@@ -172,19 +231,17 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not ava
 def test_cuda_paths_equal_the_reference(upd_m, upd_k, shared_keys, layer_norm, strategy):
     """Evaluation (a chunk large enough for the GPU's strategy) and a training step's gradients."""
     options = {"upd_m": upd_m, "upd_k": upd_k, "shared_keys": shared_keys, "layer_norm": layer_norm}
-    head = make_head(**options).cuda()
+    head = make_head(**options).cuda().eval()
     x = torch.randn(300, IN, device="cuda")
     with torch.no_grad():
-        expected, indices = reference_forward(head, head.keys, head.memories, x)
+        expected, indices = reference_forward(head, x)
     with torch.inference_mode():
-        torch.testing.assert_close(head.eval()(x), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
     assert torch.equal(head.last_top_indices, indices)
-    keys = head.keys.detach().clone().requires_grad_(upd_k != "ad_hoc_WTA")
-    memories = head.memories.detach().clone().requires_grad_(True)
-    expected, _ = reference_forward(head, keys, memories, x[:3])
-    expected.sum().backward()
-    head.train()(x[:3]).sum().backward()
-    torch.testing.assert_close(head.memories.grad, memories.grad, atol=1e-5, rtol=1e-4)
+    twin = as_reference(head.train())
+    twin(x[:3]).sum().backward()
+    head(x[:3]).sum().backward()
+    torch.testing.assert_close(head.memories.grad, twin.memories.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_wta_gradient_reaches_only_the_winner_rows():
@@ -202,7 +259,7 @@ def test_evaluation_with_gradients_on_but_nothing_to_learn(shared_keys):
     head = make_head(shared_keys=shared_keys).eval()
     head.memories.requires_grad_(False)
     x = torch.randn(5, IN)
-    expected, _ = reference_forward(head, head.keys, head.memories, x)
+    expected, _ = reference_forward(head, x)
     torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -213,7 +270,7 @@ def test_shared_keys_evaluation_never_blends_weights(layer_norm, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("per-sample weights were built")
 
-    monkeypatch.setattr(head, "_blend", forbidden)
+    monkeypatch.setattr(reference, "blend", forbidden)
     with torch.no_grad():
         head(torch.randn(9, IN))
 
@@ -223,7 +280,7 @@ def test_per_neuron_evaluation_in_slices(monkeypatch):
     head = make_head(shared_keys=False, layer_norm=True).eval()
     x = torch.randn(11, IN)
     with torch.no_grad():
-        expected, _ = reference_forward(head, head.keys, head.memories, x)
+        expected, _ = reference_forward(head, x)
         monkeypatch.setattr(blending, "SLICE_FLOATS", 1)
         torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
 
@@ -233,7 +290,7 @@ def test_dense_strategy_in_slices(shared_keys, monkeypatch):
     head = make_head(shared_keys=shared_keys).eval()
     x = torch.randn(13, IN)
     with torch.no_grad():
-        expected, _ = reference_forward(head, head.keys, head.memories, x)
+        expected, _ = reference_forward(head, x)
         monkeypatch.setattr(blending, "prefer_dense", lambda *args, **kwargs: True)
         monkeypatch.setattr(blending, "SLICE_FLOATS", 3 * UNITS * OUT)
         torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
@@ -278,31 +335,6 @@ def test_cost_model_picks_grouping_for_large_heads_and_dense_for_small_ones():
     assert blending.prefer_dense(1000, 10, 2, 2 * 3, cpu)
 
 
-# --- the online step's key update on NumPy views ---------------------------------------------------
-
-
-@pytest.mark.parametrize("distance", ["cosine", "euclidean", "dot_scaled"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_one_sample_key_update_is_bitwise_the_general_one(distance, dtype, monkeypatch):
-    """The CPU fast path of a batch-1 step changes keys, memories and counters exactly as the
-    general (torch, any batch) path does, scrambling included."""
-    import memhead.layer as layer_module
-
-    options = {"distance": distance, "scramble": True, "tau_eta": 3, "tau_mu": 2, "tau_alpha": 0.9}
-    fast, general = twin_heads(**options)
-    fast.to(dtype)
-    general.to(dtype)
-    stream = torch.randn(60, IN, dtype=dtype) * 3
-    for x in stream:
-        fast(x[None])
-        with monkeypatch.context() as patch:
-            patch.setattr(layer_module, "_NUMPY_REALS", {})
-            general(x[None])
-        for name, value in general.state_dict().items():
-            assert torch.equal(fast.state_dict()[name], value), name
-    assert fast.scramble_count.item() > 0
-
-
 # --- the memory gradient's storage, reused from step to step ----------------------------------------
 
 
@@ -314,7 +346,7 @@ def online_step(head, optimizer, x, y, set_to_none=True):
 
 
 def twin_heads(**options):
-    options = {"distance": "cosine", "scramble": True, "tau_eta": 3, "tau_alpha": 2.0, **options}
+    options = {"distance": "cosine", "scramble": True, "tau_eta": 3, "tau_alpha": 1.0, **options}
     torch.manual_seed(5)
     head = MemoryHead(IN, OUT, key_mem_units=UNITS, delta=DELTA, **options)
     return head, copy.deepcopy(head)

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 
 from memhead.layer import MemoryHead
 
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "reference-traces"
+# shared/ sits beside the checkout (or one level further up, beside a folder of worktrees).
+TRACES = next(
+    (p / "shared" / "reference-traces" for p in Path(__file__).resolve().parents[1:4]
+     if (p / "shared" / "reference-traces").is_dir()),
+    Path(__file__).resolve().parents[2] / "shared" / "reference-traces",
+)  # fmt: skip
 TRACE_FILES = sorted(TRACES.glob("*.npz")) if TRACES.is_dir() else []
 TOLERANCE = 1e-4
 # Entries of config_json that describe the training loop, not the layer.
@@ -20,13 +25,14 @@ LOOP_KEYS = ("in_features", "out_features", "optimizer", "lr", "weight_decay", "
 
 
 @pytest.mark.skipif(not TRACE_FILES, reason=f"reference traces not found in {TRACES}")
+@pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("path", TRACE_FILES, ids=lambda p: p.stem)
-def test_trace_replays(path: Path) -> None:
+def test_trace_replays(path: Path, impl: str) -> None:
     trace = np.load(path)
     config = json.loads(str(trace["config_json"]))
     assert config["optimizer"] == "adam" and config["loss"] == "cross_entropy"
     options = {name: value for name, value in config.items() if name not in LOOP_KEYS}
-    layer = MemoryHead(config["in_features"], config["out_features"], **options)
+    layer = MemoryHead(config["in_features"], config["out_features"], **options, impl=impl)
     initial = {name[5:]: torch.from_numpy(trace[name]) for name in trace.files if name.startswith("init_")}
     # strict load: the trace's state names are exactly the layer's state_dict.
     layer.load_state_dict(initial)
