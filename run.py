@@ -37,6 +37,16 @@ def sweep_group(overrides: list[str]) -> str | None:
     return ",".join(sorted(kept)) or None
 
 
+def close_logs_in(out_dir: Path) -> None:
+    """Close the log files Hydra opened in ``out_dir`` (and only those: other handlers keep logging)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        name = getattr(handler, "baseFilename", None)
+        if name is not None and Path(name).resolve().is_relative_to(out_dir.resolve()):
+            handler.close()
+            root.removeHandler(handler)
+
+
 def _job_name(hydra_cfg) -> str:
     overrides = " ".join(hydra_cfg.overrides.task)
     return f"job {hydra_cfg.job.num}" + (f" ({overrides})" if overrides else "")
@@ -128,11 +138,11 @@ def main(cfg: DictConfig) -> float | str:
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
         kept = holds_a_run(out_dir)  # another run's directory: its files stay exactly as they were
         if kept:
-            logging.shutdown()
+            close_logs_in(out_dir)
             SNAPSHOTS.restore(out_dir)
         if not multirun:
             # Nothing of a refused run stays behind (a directory that existed is another matter).
-            logging.shutdown()
+            close_logs_in(out_dir)
             RUN.remove_created()
             fail(reason)
         _failure_record(out_dir, reason, cfg)

@@ -65,7 +65,8 @@ def test_plain_heads_members_equal_their_runs_alone(tmp_path, base):
 
 
 def test_final_member_state_equals_the_run_alone(tmp_path):
-    """Not only the metrics: a member's trained keys, memories and counters are the run's, bitwise."""
+    """Not only the metrics: a member's counters are the run's exactly, its keys and memories to float
+    round-off (the layer's fast path and the population sum a gradient in another order)."""
     from memhead.protocol import run_protocol
     from memhead.runner import build_learner, build_stream, resolve_device, seed_everything
 
@@ -81,7 +82,10 @@ def test_final_member_state_equals_the_run_alone(tmp_path):
         state = {"memories", "keys", "usage", "age", "scramble_count"}
         assert set(member.state_dict()) == set(alone) == state
         for name, value in member.state_dict().items():
-            assert torch.equal(value, alone[name]), name
+            if name in ("memories", "keys"):
+                torch.testing.assert_close(value, alone[name], rtol=0, atol=1e-6, msg=name)
+            else:
+                assert torch.equal(value, alone[name]), name
 
 
 def test_finished_members_are_not_run_again(tmp_path, caplog):
