@@ -123,3 +123,20 @@ def test_one_line_per_boundary_and_the_matrices_once_unless_verbose(verbose, tin
     assert all("\n" not in m and " train acc=" in m and " test acc=" in m for m in boundary_lines)
     matrices = [m for m in messages if "continual confusion matrix (test)" in m]
     assert len(matrices) == (8 if verbose else 1)
+
+
+def test_threads_null_means_one_thread_on_one_sample_streams(tiny_cfg, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run(tiny_cfg(), tmp_path / "default")
+        assert torch.get_num_threads() == 1  # one-sample 2-D stream: the thread pool costs more than it gains
+        torch.set_num_threads(2)
+        run(tiny_cfg("stream.batch_size=16"), tmp_path / "batched")
+        assert torch.get_num_threads() == 2  # batched: torch's default stays
+        run(tiny_cfg("threads=2"), tmp_path / "explicit")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
