@@ -65,7 +65,7 @@ def user_error(err: BaseException, out_dir: str) -> str | None:
         return f"disk full while writing {err.filename or out_dir}: free some space, then run again to resume"
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return f"cannot write {err.filename or out_dir}: {err.strerror} (choose a writable hydra.run.dir)"
-    if isinstance(err, RuntimeError) and "PytorchStreamWriter" in str(err) or "unexpected pos" in str(err):
+    if isinstance(err, RuntimeError) and ("PytorchStreamWriter" in str(err) or "unexpected pos" in str(err)):
         return f"disk full (or the file system failed) while writing a checkpoint in {out_dir}"
     if isinstance(err, MemoryError):
         return f"out of memory ({one_line(err) or 'MemoryError'}): choose smaller sizes"
@@ -78,8 +78,6 @@ def _failure_record(out_dir: Path, reason: str, cfg: DictConfig) -> None:
 
     from memhead.runner import write_json_atomic
 
-    if (out_dir / "metrics.json").exists():
-        return  # another run's record (a refused relaunch, a directory in use): never overwritten
     record: dict = {"complete": False, "failed": True, "error": reason}
     try:
         record["config"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -119,6 +117,9 @@ def main(cfg: DictConfig) -> float | str:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    # Held a run before this job (Hydra writes only .hydra/ and the log): if the job fails, every file
+    # there stays exactly as it was, and no failure record replaces that run's record.
+    kept = holds_a_run(out_dir)
     try:
         record = run(cfg, out_dir, group=sweep_group(list(hydra_cfg.overrides.task)))
         value = optimized_value(record, cfg.optimized_metric)
@@ -136,7 +137,6 @@ def main(cfg: DictConfig) -> float | str:
             # A bug in one job: its traceback goes to its run.log; the other jobs run.
             log.exception("job failed")
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        kept = holds_a_run(out_dir)  # another run's directory: its files stay exactly as they were
         if kept:
             close_logs_in(out_dir)
             SNAPSHOTS.restore(out_dir)
@@ -145,9 +145,10 @@ def main(cfg: DictConfig) -> float | str:
             close_logs_in(out_dir)
             RUN.remove_created()
             fail(reason)
-        _failure_record(out_dir, reason, cfg)
         if kept:
             SNAPSHOTS.refused.append(f"{out_dir}: {reason}")
+        else:
+            _failure_record(out_dir, reason, cfg)
         print(f"error: {_job_name(hydra_cfg)}: {reason}", file=sys.stderr)
         return f"failed: {reason}"
     SNAPSHOTS.accepted += 1

@@ -63,7 +63,6 @@ def check_job_config(config: DictConfig) -> None:
 class RunDir:
     """What a single run's directory was before Hydra made it: the folders the run created."""
 
-    path: Path | None = None
     created: Path | None = None  # the topmost folder that did not exist, or None
 
     def remove_created(self) -> None:
@@ -123,8 +122,7 @@ class CheckConfig(Callback):
     """Validate before any directory exists; count the failed jobs of a multirun."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        RUN.path = Path(str(config.hydra.run.dir))
-        RUN.created = _topmost_missing(RUN.path)
+        RUN.created = _topmost_missing(Path(str(config.hydra.run.dir)))
         try:
             check_job_config(config)
         except ConfigError as err:

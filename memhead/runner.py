@@ -145,12 +145,12 @@ def finished_record(path: Path) -> dict | None:
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
         log.warning("%s is unreadable (%s); treated as not finished", path, type(err).__name__)
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        if isinstance(record, dict) and not record.get("complete"):
-            return None
+    if not isinstance(record, dict) or record.get("complete") is not True:
+        return None  # a partial run, a failure record, or no record of ours
+    if not isinstance(record.get("config"), dict):
         log.warning("%s is not a memhead record; treated as not finished", path)
         return None
-    return record if record.get("complete") is True else None
+    return record
 
 
 def provenance() -> dict:
@@ -197,11 +197,8 @@ def resolve_paths(cfg: DictConfig) -> DictConfig:
 
     from data.benchmarks import BENCHMARKS
 
-    names = BENCHMARKS.get(cfg.benchmark.name).paths
-    if not any(cfg.benchmark.get(name) for name in names):
-        return cfg
     cfg = cfg.copy()
-    for name in names:
+    for name in BENCHMARKS.get(cfg.benchmark.name).paths:
         value = cfg.benchmark.get(name)
         if value:
             cfg.benchmark[name] = to_absolute_path(str(Path(str(value)).expanduser()))
@@ -293,7 +290,7 @@ class Learner:
     """The objects a run trains: model (wrapped by its competitor), optimizer, and how they learn."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None: a closed-form model, nothing to train
     competitor: object
     loss_fn: object
     generator: torch.Generator
@@ -391,10 +388,10 @@ class Recorder:
             record["ccm"] = {split: matrix_rows(matrix) for split, matrix in state.ccm.items()}
         return record
 
-    def checkpoint_due(self, i: int, state, num_distributions: int) -> bool:
+    def checkpoint_due(self, i: int, state, num_distributions: int, stopping: bool = False) -> bool:
         cfg = self.plan.cfg.checkpoint
-        due = time.perf_counter() - self.last_save >= cfg.interval_s
-        return cfg.enabled and (due or i == 0) and state.next_distribution < num_distributions
+        due = time.perf_counter() - self.last_save >= cfg.interval_s or i == 0 or stopping
+        return cfg.enabled and due and state.next_distribution < num_distributions
 
     def save_checkpoint(self, model, optimizer, state) -> None:
         from memhead import checkpoint
@@ -413,8 +410,9 @@ class Recorder:
         checkpoint.save(self.plan.out_dir / checkpoint.CHECKPOINT, payload)
         self.last_save = time.perf_counter()
 
-    def at_boundary(self, i: int, model, optimizer, state, num_distributions: int) -> None:
-        if self.checkpoint_due(i, state, num_distributions):
+    def at_boundary(self, i: int, model, optimizer, state, num_distributions: int, stopping=False) -> None:
+        """Metrics so far, and a checkpoint when one is due or the run is ``stopping`` (preempted)."""
+        if self.checkpoint_due(i, state, num_distributions, stopping):
             self.save_checkpoint(model, optimizer, state)
         write_json_atomic(self.plan.metrics_path, self.record(state, complete=False))
 
@@ -442,10 +440,8 @@ def log_summary(record: dict) -> None:
     )
 
 
-def stop_for_preemption(recorder: Recorder, model, optimizer, state, preemption) -> None:
-    """Checkpoint at this boundary (unless one was just written), hand the signal on, and stop."""
-    if recorder.plan.cfg.checkpoint.enabled:
-        recorder.save_checkpoint(model, optimizer, state)
+def stop_for_preemption(recorder: Recorder, state, preemption) -> None:
+    """After the boundary's checkpoint: hand the signal on, and stop."""
     where = (
         f"it resumes from {recorder.plan.out_dir} after boundary {state.next_distribution - 1}"
         if recorder.plan.cfg.checkpoint.enabled
@@ -477,18 +473,15 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, *, group: str | None
 
 
 def _run_planned(plan: RunPlan, group: str | None, t_start: float, preemption) -> dict:
+    from memhead import checkpoint
+    from memhead.config import resolve_threads
+    from memhead.limits import check_learner_size
     from memhead.loggers import make_logger
     from memhead.plots import has_planar_inputs, save_boundary_plot, save_run_plots, snapshot_keys
     from memhead.protocol import ProtocolState, Timer, log_matrices, run_protocol
 
     cfg = plan.cfg  # paths resolved
-    from memhead import checkpoint
-
     checkpoint.remove_stale_temporaries(plan.out_dir)
-
-    from memhead.config import resolve_threads
-    from memhead.limits import check_learner_size
-
     device = resolve_device(cfg.device)
     generator = seed_everything(plan.seed)
     progress = default_progress() if cfg.progress is None else bool(cfg.progress)
@@ -516,9 +509,10 @@ def _run_planned(plan: RunPlan, group: str | None, t_start: float, preemption) -
         if cfg.plots.every_boundary and has_planar_inputs(stream):
             images.append(save_boundary_plot(out_dir, i, model, stream, initial_keys))
         tracker.log_boundary(i, row, model=model, images=images)
-        recorder.at_boundary(i, model, optimizer, state, stream.num_distributions)
-        if preemption.signum is not None and state.next_distribution < stream.num_distributions:
-            stop_for_preemption(recorder, model, optimizer, state, preemption)
+        stopping = preemption.signum is not None and state.next_distribution < stream.num_distributions
+        recorder.at_boundary(i, model, optimizer, state, stream.num_distributions, stopping)
+        if stopping:
+            stop_for_preemption(recorder, state, preemption)
 
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not through it

@@ -79,7 +79,8 @@ class MemberRecorder(runner.Recorder):
         return {**super().timing(), "population": self.population}
 
     def at_boundary(self, i, model, optimizer, state, num_distributions) -> None:
-        # The population checkpoints itself; a member only writes its record so far.
+        # No member checkpoints: populations do not checkpoint yet (a killed one reruns its unfinished
+        # members from the start); a member only writes its record so far.
         runner.write_json_atomic(self.plan.metrics_path, self.record(state, complete=False))
 
 
