@@ -64,6 +64,21 @@ def test_plain_heads_members_equal_their_runs_alone(tmp_path, base):
     assert_members_equal_single_runs(tmp_path, base, PLAIN)
 
 
+@pytest.mark.parametrize(
+    "base",
+    [
+        ["model=mlp", "competitor=er_reservoir", "competitor.buffer_size=5", "stream.batch_size=3"],
+        ["model=mlp", "competitor=er_random", "competitor.buffer_size=8", "competitor.buffer_batch_size=3"],
+        ["model=mh", "competitor=er_reservoir", "stream.batch_size=2"],
+        ["model=lp", "competitor=er_random", "optimizer=sgd", "loss=hinge"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_replay_members_equal_their_runs_alone(tmp_path, base):
+    """Per-member buffers: the same samples stored, the same slots replayed, in the run alone's order."""
+    assert_members_equal_single_runs(tmp_path, base, PLAIN)
+
+
 def test_final_member_state_equals_the_run_alone(tmp_path):
     """Not only the metrics: a member's counters are the run's exactly, its keys and memories to float
     round-off (the layer's fast path and the population sum a gradient in another order)."""

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from memhead import metrics, runner
 from memhead.population.build import build_model, build_optimizer, member_generator
 from memhead.population.members import group_key, unsupported
+from memhead.population.replay import MemberReplay
 from memhead.protocol import ProtocolState, Timer, distribution_ends, format_metrics
 from memhead.registry import ConfigError
 
@@ -30,10 +31,14 @@ EVAL_FLOATS = 1 << 24
 
 
 def population_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The sum over members of each member's loss (so each member's gradient is its run's)."""
+    """The sum over members of each member's loss (so each member's gradient is its run's).
+
+    ``logits``: ``(P, b, classes)``; ``y``: ``(b,)`` shared by every member, or ``(P, b)`` per member.
+    """
     size, batch, classes = logits.shape
+    y = y.expand(size, batch)
     if name == "xent":
-        losses = F.cross_entropy(logits.reshape(-1, classes), y.repeat(size), reduction="none")
+        losses = F.cross_entropy(logits.reshape(-1, classes), y.reshape(-1), reduction="none")
         return losses.view(size, batch).mean(dim=1).sum()
     if name == "hinge":
         t = 2.0 * F.one_hot(y, classes).to(logits.dtype) - 1.0
@@ -154,7 +159,8 @@ def _run_prepared(plans: list, t_start: float, models_out: list | None) -> list[
         for plan, learner in zip(members, learners)
     ]  # fmt: skip
     states = [ProtocolState.start(stream) for _ in members]
-    _loop(model, optimizer, stream, first, timer, states, recorders, size)
+    replay = MemberReplay.of([learner.competitor for learner in learners])
+    _loop(model, optimizer, replay, stream, first, timer, states, recorders, size)
     for j, (plan, learner, state, recorder) in enumerate(zip(members, learners, states, recorders)):
         learner.model.load_state_dict(model.member_state(j))
         record = recorder.finish(state)
@@ -169,7 +175,22 @@ def _run_prepared(plans: list, t_start: float, models_out: list | None) -> list[
     return records
 
 
-def _loop(model, optimizer, stream, cfg, timer, states, recorders, size) -> None:
+def _step(model, optimizer, replay: MemberReplay | None, x, y, loss_name: str, size: int) -> None:
+    """One online step of every member: the run alone's forward, backward, replay, step and storage."""
+    loss = population_loss(loss_name, model(x.expand(size, *x.shape)), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if replay is not None:
+        batch = replay.sample()
+        if batch is not None:
+            replay_x, replay_y = batch
+            population_loss(loss_name, model(replay_x), replay_y).backward()
+    optimizer.step()
+    if replay is not None:
+        replay.store(x, y)
+
+
+def _loop(model, optimizer, replay, stream, cfg, timer, states, recorders, size) -> None:
     train = stream.train
     splits = stream.splits()
     ends = distribution_ends(train.dist)
@@ -188,11 +209,7 @@ def _loop(model, optimizer, stream, cfg, timer, states, recorders, size) -> None
         with timer.measure("train_s", end - start):
             for lo in range(start, end, batch_size):
                 hi = min(lo + batch_size, end)
-                x, y = train.x[lo:hi], train.y[lo:hi]
-                loss = population_loss(loss_name, model(x.expand(size, *x.shape)), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                _step(model, optimizer, replay, train.x[lo:hi], train.y[lo:hi], loss_name, size)
         start = end
         for name, split in splits.items():
             if i < split.num_distributions:
