@@ -75,6 +75,11 @@ class PopulationLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra_plugins.memhead_population.compose import MemberComposer
+
+        # The sweeper shares this context: its validation pass composes through the same cache.
+        if not isinstance(hydra_context.config_loader, MemberComposer):
+            hydra_context.config_loader = MemberComposer(hydra_context.config_loader)
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def _compose(self, idx: int, overrides: list[str]) -> DictConfig:
@@ -115,6 +120,8 @@ class PopulationLauncher(Launcher):
             groups.setdefault(key, []).append(job)
             reasons.setdefault(key, unsupported(task))
         batched = sum(1 for key in groups if reasons[key] is None)
+        composer = self.hydra_context.config_loader
+        log.info("Composed %d job configs through Hydra, derived %d", composer.composed, composer.derived)
         log.info(
             "Launching %d jobs as %d groups (%d as populations, %d one by one)",
             len(jobs), len(groups), batched, len(groups) - batched,

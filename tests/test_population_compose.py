@@ -1,0 +1,89 @@
+"""The population launcher's composer: a derived job config equals the one Hydra composes."""
+
+import pytest
+from conftest import REPO
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import OmegaConf, open_dict
+
+from hydra_plugins.memhead_population.compose import MemberComposer
+from memhead.config import register_sweeps
+
+SWEEPS = ["mh_modes", "heads_modes", "competitors_modes", "mh_ns_imagenet", "smoke"]
+
+
+def sweep_jobs(loader, master, limit: int) -> list[list[str]]:
+    """The first ``limit`` jobs of the sweep in ``master``, in the basic sweeper's order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = [f"{k}={v}" for k, v in master.hydra.sweeper.params.items()]
+    params += list(master.hydra.overrides.task)
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(params)
+    (batch,) = BasicSweeper.split_arguments(parsed, None)
+    return [list(job) for job in batch[:limit]]
+
+
+@pytest.fixture
+def loader():
+    register_sweeps()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        yield GlobalHydra.instance().config_loader()
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="plain"),
+        pytest.param(["eval.chunk_size=500", "optimizer.weight_decay=0.001"], id="cli", marks=pytest.mark.slow),
+    ],
+)
+def test_derived_configs_equal_hydras(loader, sweep, extra):
+    master = loader.load_configuration(
+        "config", [f"sweep={sweep}", "hydra/launcher=population", *extra], run_mode=RunMode.MULTIRUN
+    )
+    composer = MemberComposer(loader)
+    jobs = sweep_jobs(loader, master, 16)
+    for job in jobs:
+        ours = composer.load_sweep_config(master, job)
+        hydras = loader.load_sweep_config(master, job)
+        assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(hydras), job
+        tasks = []
+        for cfg in (ours, hydras):  # the task config, resolved, as the run reads it
+            with open_dict(cfg):
+                del cfg["hydra"]
+            tasks.append(OmegaConf.to_yaml(cfg, resolve=True))
+        assert tasks[0] == tasks[1], job
+    assert composer.derived > 0  # the check covered derived configs, not only composed ones
+    assert composer.composed + composer.derived == len(jobs)
+
+
+def test_shapes_and_non_member_overrides_compose_through_hydra(loader):
+    master = loader.load_configuration("config", ["hydra/launcher=population"], run_mode=RunMode.MULTIRUN)
+    composer = MemberComposer(loader)
+    jobs = [
+        ["seed=1", "model=mh"],
+        ["seed=2", "model=mh"],  # derived: same shape
+        ["seed=2", "model=lp"],  # another shape
+        ["seed=3", "model=mh", "model.delta=3"],
+        ["seed=4", "model=mh", "model.delta=3"],  # derived
+        ["model=mh", "seed=5"],  # overrides in another order: another shape
+    ]
+    for job in jobs:
+        ours = composer.load_sweep_config(master, job)
+        assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(loader.load_sweep_config(master, job))
+    assert (composer.composed, composer.derived) == (4, 2)
+
+
+def test_a_job_hydra_refuses_is_refused_the_same(loader):
+    """No template is kept from a failed composition: every such job fails through Hydra itself."""
+    from hydra.errors import ConfigCompositionException
+
+    master = loader.load_configuration("config", ["hydra/launcher=population"], run_mode=RunMode.MULTIRUN)
+    composer = MemberComposer(loader)
+    for seed in (1, 2):
+        with pytest.raises(ConfigCompositionException, match="model.tau_mu"):
+            composer.load_sweep_config(master, ["model=lp", f"seed={seed}", "model.tau_mu=7"])
+    assert (composer.composed, composer.derived) == (0, 0)
