@@ -37,7 +37,7 @@ def loader():
     "extra",
     [
         pytest.param([], id="plain"),
-        pytest.param(["eval.chunk_size=500", "optimizer.weight_decay=0.001"], id="cli", marks=pytest.mark.slow),
+        pytest.param(["eval.chunk_size=50", "optimizer.weight_decay=0.01"], id="cli", marks=pytest.mark.slow),
     ],
 )
 def test_derived_configs_equal_hydras(loader, sweep, extra):
