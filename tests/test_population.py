@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import REPO, compose_config
 
 from memhead.population.members import group_key, unsupported
@@ -171,6 +172,14 @@ def _records(sweep_dir):
     }
 
 
+def _hydra_yaml(job_dir):
+    """A job's ``.hydra/hydra.yaml`` without what names its launcher and its sweep directory."""
+    hydra = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra
+    del hydra.launcher, hydra.runtime.choices["hydra/launcher"], hydra.overrides.hydra
+    text = OmegaConf.to_yaml(hydra)
+    return text.replace(str(job_dir.parent), "SWEEP")
+
+
 @pytest.mark.slow
 def test_launcher_equals_basic_launcher_and_falls_back(tmp_path):
     """A mixed sweep: mh and mlp groups train as populations, the mir group runs one by one; every
@@ -187,6 +196,8 @@ def test_launcher_equals_basic_launcher_and_falls_back(tmp_path):
         for name in ("config.yaml", "overrides.yaml"):
             mine = (tmp_path / "population" / job / ".hydra" / name).read_text()
             assert mine == (tmp_path / "basic" / job / ".hydra" / name).read_text()
+        assert _hydra_yaml(tmp_path / "population" / job) == _hydra_yaml(tmp_path / "basic" / job)
+        assert "boundary" in (tmp_path / "population" / job / "run.log").read_text()
     report = subprocess.run(
         [sys.executable, "-m", "memhead.report", str(tmp_path / "population")],
         cwd=REPO, capture_output=True, text=True, timeout=120,

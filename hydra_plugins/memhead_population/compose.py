@@ -52,11 +52,24 @@ class MemberComposer:
         self.templates: dict[tuple, DictConfig] = {}
         self.composed = 0  # jobs composed by Hydra (the others derived)
         self.derived = 0
+        # Configs handed to the sweeper's validation pass, kept for the launcher (see ``take``).
+        self.validated: dict[tuple[str, ...], DictConfig] = {}
 
     def __getattr__(self, name):  # every other method is the wrapped loader's
         return getattr(self.loader, name)
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        cfg = self._compose(master_config, sweep_overrides)
+        self.validated[tuple(sweep_overrides)] = cfg
+        return cfg
+
+    def take(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        """The launcher's config of a job: the one the sweeper's validation pass composed (which only
+        checks that it composes, and drops it), else a new one."""
+        cfg = self.validated.pop(tuple(sweep_overrides), None)
+        return self._compose(master_config, sweep_overrides) if cfg is None else cfg
+
+    def _compose(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
         parsed = self.parser.parse_overrides(list(sweep_overrides))
         shape = tuple(("member", o.key_or_group) if is_member_override(o) else o.input_line for o in parsed)
         template = self.templates.get(shape)

@@ -7,7 +7,10 @@ one population (split into populations of at most ``max_members``); a group that
 train runs its jobs one by one through the sweep's own task function.
 """
 
+import contextlib
+import copy
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,55 @@ class Job:
     ret: JobReturn | None = None
 
 
-def _collect(task_cfg: DictConfig):
-    """The task function of the set-up pass: the job's directory is ready, nothing runs yet."""
-    return None
+def write_job_dir(config: DictConfig) -> JobReturn:
+    """A member job's directory and ``.hydra/`` files, as :func:`hydra.core.utils.run_job` writes them
+    before it calls the task (the same bytes; the tests compare them with the basic launcher's).
+
+    A population runs its members' tasks together, so the rest of ``run_job`` (the working directory,
+    the job's logging set-up, job callbacks) does not apply; the population's log goes to every member's
+    log file instead (:func:`member_logs`).
+    """
+    output_dir = os.path.abspath(os.path.join(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)))
+    with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+        config.hydra.runtime.output_dir = output_dir
+    ret = JobReturn()
+    ret.cfg = copy.deepcopy(config)
+    with read_write(ret.cfg), open_dict(ret.cfg):
+        del ret.cfg["hydra"]
+    ret.hydra_cfg = OmegaConf.masked_copy(config, "hydra")  # what run_job's HydraConfig holds
+    ret.overrides = OmegaConf.to_container(config.hydra.overrides.task)
+    ret.working_dir = os.getcwd()
+    ret.task_name = str(config.hydra.job.name)
+    os.makedirs(output_dir, exist_ok=True)
+    if config.hydra.output_subdir is not None:
+        hydra_output = os.path.join(output_dir, str(config.hydra.output_subdir))
+        os.makedirs(hydra_output, exist_ok=True)
+        for name, node in (("config.yaml", ret.cfg), ("hydra.yaml", ret.hydra_cfg),
+                           ("overrides.yaml", config.hydra.overrides.task)):  # fmt: skip
+            with open(os.path.join(hydra_output, name), "w", encoding="utf-8") as file:
+                file.write(OmegaConf.to_yaml(node))
+    return ret
+
+
+@contextlib.contextmanager
+def member_logs(rets: list[JobReturn]):
+    """The population's log lines also go to each member's ``<job name>.log``, as a run's own would."""
+    handlers = []
+    formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    for ret in rets:
+        path = os.path.join(ret.hydra_cfg.hydra.runtime.output_dir, f"{ret.hydra_cfg.hydra.job.name}.log")
+        handler = logging.FileHandler(path, mode="a")
+        handler.setFormatter(formatter)
+        handlers.append(handler)
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def split(members: list, max_members: int | None) -> list[list]:
@@ -83,7 +132,7 @@ class PopulationLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def _compose(self, idx: int, overrides: list[str]) -> DictConfig:
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        sweep_config = self.hydra_context.config_loader.take(self.config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
@@ -150,11 +199,12 @@ class PopulationLauncher(Launcher):
         from memhead.population.run import run_population
 
         for job in jobs:  # directories and .hydra/ files, as the basic launcher writes them
-            job.ret = self._run_job(job, _collect)
+            job.ret = write_job_dir(job.config)
         try:
-            records = run_population(
-                [job.ret.cfg for job in jobs], [job.ret.hydra_cfg.hydra.runtime.output_dir for job in jobs]
-            )
+            with member_logs([job.ret for job in jobs]):
+                records = run_population(
+                    [job.ret.cfg for job in jobs], [job.ret.hydra_cfg.hydra.runtime.output_dir for job in jobs]
+                )
         except Exception as err:  # the population failed: so did each of its jobs
             log.exception("population of jobs %s failed", [job.idx for job in jobs])
             for job in jobs:
