@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from conftest import REPO, compose_config
+from omegaconf import OmegaConf
 
 from memhead.population.members import group_key, unsupported
 from memhead.population.optim import PopulationAdam, PopulationSGD

@@ -203,7 +203,8 @@ class PopulationLauncher(Launcher):
         try:
             with member_logs([job.ret for job in jobs]):
                 records = run_population(
-                    [job.ret.cfg for job in jobs], [job.ret.hydra_cfg.hydra.runtime.output_dir for job in jobs]
+                    [job.ret.cfg for job in jobs],
+                    [job.ret.hydra_cfg.hydra.runtime.output_dir for job in jobs],
                 )
         except Exception as err:  # the population failed: so did each of its jobs
             log.exception("population of jobs %s failed", [job.idx for job in jobs])
