@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
@@ -54,7 +56,9 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if not (deterministic and torch.is_deterministic_algorithms_warn_only_enabled()):  # ~4 ms a call
+        torch.use_deterministic_algorithms(True, warn_only=True)
     # Deterministic mode would also fill every new tensor with NaN (a debugging aid that costs a pass
     # over each allocation, gradients included); results never read uninitialised memory.
     torch.utils.deterministic.fill_uninitialized_memory = False
@@ -154,7 +158,14 @@ def finished_record(path: Path) -> dict | None:
 
 
 def provenance() -> dict:
-    """Where a record comes from: code version, packages, host, command line (never part of identity)."""
+    """Where a record comes from: code version, packages, host, command line (never part of identity).
+
+    The same for every run of a process (taken once: the code a process runs is what it imported)."""
+    return copy.deepcopy(_process_provenance())
+
+
+@functools.cache
+def _process_provenance() -> dict:
     import platform
     import socket
     import subprocess
@@ -191,17 +202,18 @@ def provenance() -> dict:
 
 
 def resolve_paths(cfg: DictConfig) -> DictConfig:
-    """A copy of ``cfg`` whose benchmark path options are absolute (relative to where the run was
-    launched, also under ``hydra.job.chdir=true``)."""
+    """``cfg`` (a copy when it changes) with benchmark path options made absolute (relative to where
+    the run was launched, also under ``hydra.job.chdir=true``)."""
     from hydra.utils import to_absolute_path
 
     from data.benchmarks import BENCHMARKS
 
+    names = [name for name in BENCHMARKS.get(cfg.benchmark.name).paths if cfg.benchmark.get(name)]
+    if not names:
+        return cfg  # nothing to rewrite (the 2-D benchmarks): no copy needed
     cfg = cfg.copy()
-    for name in BENCHMARKS.get(cfg.benchmark.name).paths:
-        value = cfg.benchmark.get(name)
-        if value:
-            cfg.benchmark[name] = to_absolute_path(str(Path(str(value)).expanduser()))
+    for name in names:
+        cfg.benchmark[name] = to_absolute_path(str(Path(str(cfg.benchmark[name])).expanduser()))
     return cfg
 
 

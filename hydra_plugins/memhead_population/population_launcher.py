@@ -8,7 +8,6 @@ train runs its jobs one by one through the sweep's own task function.
 """
 
 import contextlib
-import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -60,19 +59,19 @@ def write_job_dir(config: DictConfig) -> JobReturn:
     with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
         config.hydra.runtime.output_dir = output_dir
     ret = JobReturn()
-    ret.cfg = copy.deepcopy(config)
-    with read_write(ret.cfg), open_dict(ret.cfg):
-        del ret.cfg["hydra"]
     ret.hydra_cfg = OmegaConf.masked_copy(config, "hydra")  # what run_job's HydraConfig holds
     ret.overrides = OmegaConf.to_container(config.hydra.overrides.task)
+    ret.cfg = config  # the job's own config, split in place rather than copied: the task part
+    with read_write(ret.cfg), open_dict(ret.cfg):
+        del ret.cfg["hydra"]
     ret.working_dir = os.getcwd()
-    ret.task_name = str(config.hydra.job.name)
+    ret.task_name = str(ret.hydra_cfg.hydra.job.name)
     os.makedirs(output_dir, exist_ok=True)
-    if config.hydra.output_subdir is not None:
-        hydra_output = os.path.join(output_dir, str(config.hydra.output_subdir))
+    if ret.hydra_cfg.hydra.output_subdir is not None:
+        hydra_output = os.path.join(output_dir, str(ret.hydra_cfg.hydra.output_subdir))
         os.makedirs(hydra_output, exist_ok=True)
         for name, node in (("config.yaml", ret.cfg), ("hydra.yaml", ret.hydra_cfg),
-                           ("overrides.yaml", config.hydra.overrides.task)):  # fmt: skip
+                           ("overrides.yaml", ret.hydra_cfg.hydra.overrides.task)):  # fmt: skip
             with open(os.path.join(hydra_output, name), "w", encoding="utf-8") as file:
                 file.write(OmegaConf.to_yaml(node))
     return ret
@@ -162,12 +161,9 @@ class PopulationLauncher(Launcher):
         groups: dict[str, list[Job]] = {}
         reasons: dict[str, str | None] = {}
         for job in jobs:
-            task = job.config.copy()
-            with open_dict(task):
-                del task["hydra"]
-            key = group_key(task)
+            key = group_key(job.config)  # the hydra node is not part of the key
             groups.setdefault(key, []).append(job)
-            reasons.setdefault(key, unsupported(task))
+            reasons.setdefault(key, unsupported(job.config))
         batched = sum(1 for key in groups if reasons[key] is None)
         composer = self.hydra_context.config_loader
         log.info("Composed %d job configs through Hydra, derived %d", composer.composed, composer.derived)

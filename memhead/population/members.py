@@ -38,8 +38,13 @@ def _drop(container: dict, dotted: str) -> None:
 
 def group_key(cfg: DictConfig) -> str:
     """The configuration without its member options: runs with equal keys can share a population."""
-    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    container.pop("hydra", None)
+    container = {}
+    for key in cfg:  # the task's options, resolved; a job's hydra node is no part of it
+        if key != "hydra":
+            value = cfg[key]
+            if OmegaConf.is_config(value):
+                value = OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+            container[key] = value
     for dotted in MEMBER_OPTIONS + REPORTING_OPTIONS:
         _drop(container, dotted)
     return json.dumps(container, sort_keys=True, default=str)
