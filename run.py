@@ -17,9 +17,10 @@ import hydra
 from omegaconf import DictConfig
 
 from memhead.config import prepare_arguments, register_configs
+from memhead.hydra_callbacks import user_error
 from memhead.registry import ConfigError
 from memhead.run_dir import Preempted
-from memhead.runner import run
+from memhead.runner import run, write_failure_record
 
 register_configs()
 log = logging.getLogger("run")
@@ -50,43 +51,6 @@ def close_logs_in(out_dir: Path) -> None:
 def _job_name(hydra_cfg) -> str:
     overrides = " ".join(hydra_cfg.overrides.task)
     return f"job {hydra_cfg.job.num}" + (f" ({overrides})" if overrides else "")
-
-
-def user_error(err: BaseException, out_dir: str) -> str | None:
-    """One line for an error that is the user's or the machine's to fix, or None (a bug: traceback)."""
-    import errno
-
-    from memhead.config import hydra_error_line
-    from memhead.hydra_callbacks import one_line
-
-    if isinstance(err, ConfigError):
-        return str(err)
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"disk full while writing {err.filename or out_dir}: free some space, then run again to resume"
-    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return f"cannot write {err.filename or out_dir}: {err.strerror} (choose a writable hydra.run.dir)"
-    if isinstance(err, RuntimeError) and ("PytorchStreamWriter" in str(err) or "unexpected pos" in str(err)):
-        return f"disk full (or the file system failed) while writing a checkpoint in {out_dir}"
-    if isinstance(err, MemoryError):
-        return f"out of memory ({one_line(err) or 'MemoryError'}): choose smaller sizes"
-    return hydra_error_line(err)
-
-
-def _failure_record(out_dir: Path, reason: str, cfg: DictConfig) -> None:
-    """``metrics.json`` of a failed job: the report lists it as failed, with its reason."""
-    from omegaconf import OmegaConf
-
-    from memhead.runner import write_json_atomic
-
-    record: dict = {"complete": False, "failed": True, "error": reason}
-    try:
-        record["config"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    except Exception:  # noqa: BLE001 - a config that cannot resolve is why the job failed
-        pass
-    try:
-        write_json_atomic(out_dir / "metrics.json", record)
-    except OSError:
-        pass  # the failure is still reported on stderr and counted
 
 
 def _interrupted(out_dir: Path) -> None:
@@ -148,7 +112,7 @@ def main(cfg: DictConfig) -> float | str:
         if kept:
             SNAPSHOTS.refused.append(f"{out_dir}: {reason}")
         else:
-            _failure_record(out_dir, reason, cfg)
+            write_failure_record(out_dir, reason, cfg)
         print(f"error: {_job_name(hydra_cfg)}: {reason}", file=sys.stderr)
         return f"failed: {reason}"
     SNAPSHOTS.accepted += 1

@@ -59,6 +59,25 @@ def check_job_config(config: DictConfig) -> None:
         raise ConfigError(line) from None
 
 
+def user_error(err: BaseException, out_dir: str) -> str | None:
+    """One line for an error that is the user's or the machine's to fix, or None (a bug: traceback)."""
+    import errno
+
+    from memhead.config import hydra_error_line
+
+    if isinstance(err, ConfigError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full while writing {err.filename or out_dir}: free some space, then run again to resume"
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"cannot write {err.filename or out_dir}: {err.strerror} (choose a writable hydra.run.dir)"
+    if isinstance(err, RuntimeError) and ("PytorchStreamWriter" in str(err) or "unexpected pos" in str(err)):
+        return f"disk full (or the file system failed) while writing a checkpoint in {out_dir}"
+    if isinstance(err, MemoryError):
+        return f"out of memory ({one_line(err) or 'MemoryError'}): choose smaller sizes"
+    return hydra_error_line(err)
+
+
 @dataclass
 class RunDir:
     """What a single run's directory was before Hydra made it: the folders the run created."""

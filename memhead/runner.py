@@ -157,6 +157,19 @@ def finished_record(path: Path) -> dict | None:
     return record
 
 
+def write_failure_record(out_dir: Path, reason: str, cfg: DictConfig) -> None:
+    """``metrics.json`` of a failed job: the report lists it as failed, with its reason."""
+    record: dict = {"complete": False, "failed": True, "error": reason}
+    try:
+        record["config"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception:  # noqa: BLE001 - a config that cannot resolve is why the job failed
+        pass
+    try:
+        write_json_atomic(Path(out_dir) / "metrics.json", record)
+    except OSError:
+        pass  # the failure is still reported on stderr and counted
+
+
 def provenance() -> dict:
     """Where a record comes from: code version, packages, host, command line (never part of identity).
 
@@ -335,6 +348,11 @@ def resume(plan: RunPlan, learner: Learner, timer):
 
     if plan.saved is None:
         return None, 0.0
+    if plan.saved.get("population"):
+        raise ConfigError(
+            f"{plan.out_dir / checkpoint.CHECKPOINT} was written by a population "
+            "(hydra/launcher=population): resume it with that launcher, or delete it to start over"
+        )
     state, earlier_s = checkpoint.restore(
         plan.saved,
         model=learner.model,

@@ -209,3 +209,142 @@ def test_launcher_equals_basic_launcher_and_falls_back(tmp_path):
     assert report.returncode == 0 and report.stdout == reference.stdout.replace(
         str(tmp_path / "basic"), str(tmp_path / "population")
     )
+
+
+RESUMABLE = ["benchmark.order=CDID", "checkpoint.interval_s=0"]
+
+
+class Killed(BaseException):
+    """Stands for kill -9 right after a boundary's checkpoints (nothing after it runs)."""
+
+
+def _crash_after(monkeypatch, boundary: int):
+    import memhead.population.run as population_run
+
+    real = population_run._at_boundary
+
+    def at_boundary(i, *args, **kwargs):
+        real(i, *args, **kwargs)
+        if i == boundary:
+            raise Killed
+
+    monkeypatch.setattr(population_run, "_at_boundary", at_boundary)
+    return lambda: monkeypatch.setattr(population_run, "_at_boundary", real)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [["model=mh"], ["model=mlp", "competitor=er_reservoir", "optimizer=sgd", "optimizer.momentum=0.9"],
+     ["model=mlp", "competitor=ensemble"]],
+    ids=lambda o: " ".join(o),
+)  # fmt: skip
+def test_killed_population_resumes_to_identical_results(tmp_path, monkeypatch, base):
+    members = MIXED if base == ["model=mh"] else PLAIN
+    cfgs = [compose_config([*base, *TINY, *RESUMABLE, *m]) for m in members]
+    whole = run_population(cfgs, [tmp_path / f"whole{i}" for i in range(len(cfgs))])
+    dirs = [tmp_path / f"run{i}" for i in range(len(cfgs))]
+    undo = _crash_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run_population(cfgs, dirs)
+    undo()
+    assert all((d / "checkpoint.pt").is_file() for d in dirs)
+    assert not any(json.loads((d / "metrics.json").read_text())["complete"] for d in dirs)
+    resumed = run_population(cfgs, dirs)
+    for mine, reference in zip(resumed, whole):
+        assert mine["ccm"] == reference["ccm"] and mine["boundaries"] == reference["boundaries"]
+        assert mine["final"] == reference["final"] and mine["competitor"] == reference["competitor"]
+        assert mine["initial_accuracy"] == reference["initial_accuracy"]
+
+
+def test_resume_points_finished_and_alone_members(tmp_path, monkeypatch, caplog):
+    """A member already finished is not run again, a member checkpointed by a run alone resumes alone,
+    the others resume together; every result equals the uninterrupted one."""
+    cfgs = [compose_config(["model=mh", *TINY, *RESUMABLE, *m]) for m in MIXED]
+    whole = run_population(cfgs, [tmp_path / f"whole{i}" for i in range(len(cfgs))])
+    dirs = [tmp_path / f"run{i}" for i in range(len(cfgs))]
+    undo = _crash_after(monkeypatch, 1)
+    with pytest.raises(Killed):
+        run_population(cfgs[1:], dirs[1:])
+    undo()
+    run(cfgs[0], dirs[0])  # finished alone
+    import memhead.runner as runner_module
+
+    real_at_boundary = runner_module.Recorder.at_boundary
+
+    def killed_alone(self, i, *args, **kwargs):
+        real_at_boundary(self, i, *args, **kwargs)
+        if i == 3:
+            raise Killed
+
+    for leftover in [*dirs[3].glob("checkpoint*.pt"), dirs[3] / "metrics.json"]:
+        leftover.unlink()
+    monkeypatch.setattr(runner_module.Recorder, "at_boundary", killed_alone)
+    with pytest.raises(Killed):
+        run(cfgs[3], dirs[3])  # member 3 now holds a run alone's checkpoint
+    monkeypatch.setattr(runner_module.Recorder, "at_boundary", real_at_boundary)
+    with caplog.at_level("INFO"):
+        resumed = run_population(cfgs, dirs)
+    assert "1 of 4 runs already finished" in caplog.text
+    assert "holds a checkpoint of a run alone: it resumes alone" in caplog.text
+    assert "2 runs resume together after boundary 1" in caplog.text
+    for mine, reference in zip(resumed, whole):
+        assert mine["ccm"] == reference["ccm"] and mine["final"] == reference["final"]
+
+
+def test_a_run_alone_refuses_a_population_checkpoint(tmp_path, monkeypatch):
+    cfg = compose_config(["model=mh", *TINY, *RESUMABLE])
+    undo = _crash_after(monkeypatch, 0)
+    with pytest.raises(Killed):
+        run_population([cfg], [tmp_path / "m"])
+    undo()
+    with pytest.raises(ConfigError, match="written by a population .* resume it with that launcher"):
+        run(cfg, tmp_path / "m")
+
+
+def test_launcher_member_refused_alone(tmp_path):
+    """A member whose directory holds another run is refused alone, its files byte-identical; the
+    others of its population train; the multirun exits 1 saying so."""
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "hydra/launcher=population",
+        f"hydra.sweep.dir={sweep_dir}",
+        *TINY,
+    ]
+    first = subprocess.run([*command, "seed=1,2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for leftover in [*(sweep_dir / "1").glob("checkpoint*.pt"), sweep_dir / "1" / "metrics.json"]:
+        leftover.unlink()
+    before = {p: p.read_bytes() for p in (sweep_dir / "0").rglob("*") if p.is_file()}
+    again = subprocess.run([*command, "seed=5,2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1
+    assert "1 job(s) of the multirun failed" in again.stderr and "seed" in again.stderr
+    assert {p: p.read_bytes() for p in (sweep_dir / "0").rglob("*") if p.is_file()} == before
+    record = json.loads((sweep_dir / "1" / "metrics.json").read_text())
+    assert record["complete"] and record["seed"] == 2
+
+
+@pytest.mark.slow
+def test_launcher_kill_9_and_relaunch_gives_the_same_results(tmp_path):
+    import signal
+    import time
+
+    sweep = ["seed=1,2,3", "benchmark.order=CDID", "benchmark.n=3000", "checkpoint.interval_s=0"]
+    command = [sys.executable, "run.py", "-m", "hydra/launcher=population", "progress=false", *sweep]
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([*command, f"hydra.sweep.dir={killed_dir}"], cwd=REPO)
+    deadline = time.time() + 240
+    while not all((killed_dir / str(j) / "checkpoint.pt").is_file() for j in range(3)):
+        assert process.poll() is None and time.time() < deadline, "the sweep ended before a checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not json.loads((killed_dir / "0" / "metrics.json").read_text())["complete"]
+    _multirun(tmp_path, "killed", *command[3:])
+    _multirun(tmp_path, "whole", *command[3:])
+    killed, whole = _records(killed_dir), _records(tmp_path / "whole")
+    assert sorted(killed) == sorted(whole) == ["0", "1", "2"]
+    for job in whole:
+        assert killed[job]["ccm"] == whole[job]["ccm"] and killed[job]["final"] == whole[job]["final"]

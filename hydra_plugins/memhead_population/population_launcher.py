@@ -10,6 +10,7 @@ train runs its jobs one by one through the sweep's own task function.
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,21 +193,40 @@ class PopulationLauncher(Launcher):
         return [job.ret for job in jobs]
 
     def _run_population(self, jobs: list[Job]) -> None:
+        from memhead.config import optimized_value
+        from memhead.hydra_callbacks import SNAPSHOTS, holds_a_run, user_error
         from memhead.population.run import run_population
+        from memhead.run_dir import Preempted
+        from memhead.runner import write_failure_record
 
         for job in jobs:  # directories and .hydra/ files, as the basic launcher writes them
             job.ret = write_job_dir(job.config)
+        out_dirs = [job.ret.hydra_cfg.hydra.runtime.output_dir for job in jobs]
+        kept = [holds_a_run(Path(out_dir)) for out_dir in out_dirs]  # never replaced by a failure record
         try:
             with member_logs([job.ret for job in jobs]):
-                records = run_population(
-                    [job.ret.cfg for job in jobs],
-                    [job.ret.hydra_cfg.hydra.runtime.output_dir for job in jobs],
-                )
+                outcomes = run_population([job.ret.cfg for job in jobs], out_dirs)
+        except Preempted as err:  # the members' checkpoints are written: a relaunch resumes them
+            print(f"memhead: {err}", file=sys.stderr)
+            sys.exit(128 + err.signum)
         except Exception as err:  # the population failed: so did each of its jobs
-            log.exception("population of jobs %s failed", [job.idx for job in jobs])
-            for job in jobs:
-                job.ret.status, job.ret.return_value = JobStatus.FAILED, err
-            return
-        for job, record in zip(jobs, records):
+            if user_error(err, out_dirs[0]) is None:  # a bug: its traceback, once
+                log.exception("population of jobs %s failed", [job.idx for job in jobs])
+            outcomes = [err] * len(jobs)
+        for job, out_dir, was_kept, outcome in zip(jobs, out_dirs, kept, outcomes):
+            if isinstance(outcome, Exception):
+                reason = (
+                    user_error(outcome, out_dir) or f"{type(outcome).__name__}: {outcome}".splitlines()[0]
+                )
+                # As run.py's failed jobs: a value that says so, and the other jobs go on.
+                job.ret.status, job.ret.return_value = JobStatus.COMPLETED, f"failed: {reason}"
+                if was_kept:  # refused where another run's files stay as they were
+                    SNAPSHOTS.restore(Path(out_dir))
+                    SNAPSHOTS.refused.append(f"{out_dir}: {reason}")
+                else:
+                    write_failure_record(Path(out_dir), reason, job.ret.cfg)
+                print(f"error: job #{job.idx}: {reason}", file=sys.stderr)
+                continue
+            SNAPSHOTS.accepted += 1
             job.ret.status = JobStatus.COMPLETED
-            job.ret.return_value = record["final"]["test"]["avg_accuracy"]
+            job.ret.return_value = optimized_value(outcome, job.ret.cfg.optimized_metric)

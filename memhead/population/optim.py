@@ -124,20 +124,19 @@ class PopulationAdam(PopulationOptimizer):
         for mine, saved in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
             mine.copy_(saved)
 
-    def member_state(self, p: int) -> dict:
-        """Member ``p``'s moments, per parameter, and the step count."""
+    def member_state(self, rows: slice) -> dict:
+        """The moments of the members at ``rows`` (a run and, for an ensemble, its sub-models), and the
+        step count: what a member's checkpoint holds."""
         return {
             "step": self.steps,
-            "exp_avg": [t[p] for t in self.exp_avg],
-            "exp_avg_sq": [t[p] for t in self.exp_avg_sq],
+            "exp_avg": [t[rows].clone() for t in self.exp_avg],
+            "exp_avg_sq": [t[rows].clone() for t in self.exp_avg_sq],
         }
 
-    def load_member(self, p: int, state: dict) -> None:
+    def load_member(self, rows: slice, state: dict) -> None:
         self.steps = int(state["step"])
-        for mine, saved in zip(self.exp_avg, state["exp_avg"]):
-            mine[p].copy_(saved)
-        for mine, saved in zip(self.exp_avg_sq, state["exp_avg_sq"]):
-            mine[p].copy_(saved)
+        for mine, saved in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
+            mine[rows].copy_(saved)
 
 
 class PopulationSGD(PopulationOptimizer):
@@ -184,3 +183,15 @@ class PopulationSGD(PopulationOptimizer):
 
     def load_state_dict(self, state: dict) -> None:
         self.buffers = [None if b is None else b.clone() for b in state["buffers"]]
+
+    def member_state(self, rows: slice) -> dict:
+        """The momentum buffers of the members at ``rows`` (``None`` before the first step)."""
+        return {"buffers": [None if b is None else b[rows].clone() for b in self.buffers]}
+
+    def load_member(self, rows: slice, state: dict) -> None:
+        for i, saved in enumerate(state["buffers"]):
+            if saved is None:
+                continue
+            if self.buffers[i] is None:  # members of one population step together: all or none have one
+                self.buffers[i] = torch.zeros_like(self.params[i])
+            self.buffers[i][rows].copy_(saved)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from memhead import metrics, runner
+from memhead import checkpoint, metrics, run_dir, runner
+from memhead.config import resolve_threads
 from memhead.population.build import build_model, build_optimizer, member_generator
 from memhead.population.members import group_key, unsupported
 from memhead.population.replay import MemberReplay
@@ -83,10 +85,28 @@ class MemberRecorder(runner.Recorder):
     def timing(self) -> dict:
         return {**super().timing(), "population": self.population}
 
-    def at_boundary(self, i, model, optimizer, state, num_distributions) -> None:
-        # No member checkpoints: populations do not checkpoint yet (a killed one reruns its unfinished
-        # members from the start); a member only writes its record so far.
-        runner.write_json_atomic(self.plan.metrics_path, self.record(state, complete=False))
+
+def member_checkpoint(member: Member, model, optimizer, state, recorder: MemberRecorder) -> dict:
+    """What member ``member.index`` needs to continue with its population after this boundary.
+
+    The model state is keyed as the run alone's; the optimizer's is the population optimizer's rows of
+    this member (``"population": True`` says so: only a population resumes it)."""
+    timer = recorder.timer
+    return {
+        "population": True,
+        "config": member.plan.config,
+        "seed": member.plan.seed,
+        "model": model.member_state(member.index),
+        "optimizer": optimizer.member_state(member.rows),
+        "competitor": member.learner.competitor.state_dict(),
+        "protocol": state.state_dict(),
+        "timer": {
+            "seconds": dict(timer.seconds),
+            "samples": dict(timer.samples),
+            "elapsed_s": recorder.elapsed_s(),
+        },
+        "rng": {"generator": member.learner.generator.get_state(), "memories": member.memories.get_state()},
+    }
 
 
 def check_group(cfgs: list[DictConfig]) -> None:
@@ -103,22 +123,45 @@ def check_group(cfgs: list[DictConfig]) -> None:
 
 def run_population(
     cfgs: list[DictConfig], out_dirs: list[str | Path], *, models_out: list | None = None
-) -> list[dict]:
+) -> list[dict | Exception]:
     """Run every config (one group) as one population; returns each run's ``metrics.json`` record.
 
-    Runs whose directory already holds a finished record are not run again. ``models_out``, a list,
-    receives the final model of each run that ran (its run-alone module, holding the member's state).
+    Runs whose directory already holds a finished record are not run again. A run refused before
+    training (its directory holds another run, or is in use) fails alone: its entry is the error, and
+    the others train. ``models_out``, a list, receives the final model of each run that trained (its
+    run-alone module, holding the member's state).
     """
     t_start = time.perf_counter()
     check_group(cfgs)
-    plans: list[runner.RunPlan] = []
+    outcomes: list[runner.RunPlan | Exception] = []
     try:  # each member holds its run directory's lock until the population ends
         for cfg, out_dir in zip(cfgs, out_dirs):
-            plans.append(runner.prepare(cfg, out_dir))
-        return _run_prepared(plans, t_start, models_out)
+            try:
+                outcomes.append(runner.prepare(cfg, out_dir))
+            except ConfigError as err:
+                log.error("%s: %s", out_dir, err)
+                outcomes.append(err)
+        plans = [o for o in outcomes if isinstance(o, runner.RunPlan)]
+        records = iter(_run_prepared(plans, t_start, models_out) if plans else [])
+        return [o if isinstance(o, Exception) else next(records) for o in outcomes]
     finally:
-        for plan in plans:
-            plan.release()
+        for outcome in outcomes:
+            if isinstance(outcome, runner.RunPlan):
+                outcome.release()
+
+
+@dataclass
+class Member:
+    """One run of a population: its plan, its learner, and where its state sits in the population."""
+
+    index: int  # its position in the population
+    rows: slice  # its rows of the population's parameters (an ensemble's members have k rows)
+    plan: runner.RunPlan
+    learner: runner.Learner
+    memories: torch.Generator  # the copy of the global RNG it draws fresh memories from
+    state: ProtocolState
+    earlier_s: float = 0.0  # seconds spent before a resume
+    saved: dict | None = None
 
 
 def _run_prepared(plans: list, t_start: float, models_out: list | None) -> list[dict]:
@@ -126,53 +169,119 @@ def _run_prepared(plans: list, t_start: float, models_out: list | None) -> list[
     todo = [i for i, plan in enumerate(plans) if plan.done is None]
     if len(todo) < len(plans):
         log.info("%d of %d runs already finished: not run again", len(plans) - len(todo), len(plans))
-    if not todo:
-        return records
-    first = plans[todo[0]].cfg
+    alone = [i for i in todo if plans[i].saved is not None and not plans[i].saved.get("population")]
+    for i in alone:  # a run alone's checkpoint: that run continues alone, where it stopped
+        log.info("%s holds a checkpoint of a run alone: it resumes alone", plans[i].out_dir)
+        plans[i].release()
+        records[i] = runner.run(plans[i].cfg, plans[i].out_dir)
+    # Members resume together only from the same boundary: one population per resume point.
+    starts: dict[int, list[int]] = {}
+    for i in todo:
+        if i not in alone:
+            saved = plans[i].saved
+            starts.setdefault(0 if saved is None else saved["protocol"]["next_distribution"], []).append(i)
+    for start, indices in sorted(starts.items()):
+        if start:
+            log.info("%d runs resume together after boundary %d", len(indices), start - 1)
+        finished = _train([plans[i] for i in indices], t_start, models_out)
+        for i, record in zip(indices, finished):
+            records[i] = record
+    return records
+
+
+def _train(plans: list, t_start: float, models_out: list | None) -> list[dict]:
+    """Build, resume, train and record the population of ``plans`` (all at one resume point)."""
+    first = plans[0].cfg
+    for plan in plans:
+        checkpoint.remove_stale_temporaries(plan.out_dir)
     device = runner.resolve_device(first.device)
-    if first.threads is not None:
-        torch.set_num_threads(first.threads)
     progress = runner.default_progress() if first.progress is None else bool(first.progress)
     timer = Timer(device)
     stream, features_s = runner.build_stream(first, device, progress)
-    learners, generators = [], []
-    for i in todo:
-        generator = runner.seed_everything(plans[i].seed)
-        learners.append(runner.build_learner(plans[i].cfg, stream, device, generator))
-        generators.append(member_generator(device))
-    members = [plans[i] for i in todo]
+    threads = resolve_threads(first.threads, first.stream.batch_size, stream.in_features)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    members = _build_members(plans, stream, device)
+    k = first.competitor.members if first.competitor.name == "ensemble" else 1
+    for member in members:
+        member.rows = slice(member.index * k, (member.index + 1) * k)
     size = len(members)
-    cfgs_todo = [plan.cfg for plan in members]
-    model = build_model(cfgs_todo, learners, stream.in_features, stream.num_classes, device, generators)
-    optimizer = build_optimizer(cfgs_todo, model)
-    log.info("population of %d runs: %s", size, learners[0].model)
+    cfgs = [plan.cfg for plan in plans]
     initial_keys = None
-    if first.plots.enabled:
+    if first.plots.enabled:  # before any checkpoint: the keys the runs' first start drew
         from memhead.plots import snapshot_keys
 
-        initial_keys = [snapshot_keys(learner.model) for learner in learners]
+        initial_keys = [snapshot_keys(member.learner.model) for member in members]
+    _resume(members, timer)
+    model = build_model(
+        cfgs, [m.learner for m in members], stream.in_features, stream.num_classes, device,
+        [m.memories for m in members],
+    )  # fmt: skip
+    optimizer = build_optimizer(cfgs, model)
+    for member in members:
+        if member.saved is not None:
+            optimizer.load_member(member.rows, member.saved["optimizer"])
+    log.info("population of %d runs: %s", size, members[0].learner.model)
     recorders = [
         MemberRecorder(
-            plan, learner, timer, features_s=features_s, earlier_s=0.0, device=device, t_start=t_start,
-            population=size,
+            m.plan, m.learner, timer, features_s=features_s, earlier_s=m.earlier_s, device=device,
+            t_start=t_start, population=size,
         )
-        for plan, learner in zip(members, learners)
+        for m in members
     ]  # fmt: skip
-    states = [ProtocolState.start(stream) for _ in members]
-    replay = MemberReplay.of([learner.competitor for learner in learners])
-    _loop(model, optimizer, replay, stream, first, timer, states, recorders, size)
-    for j, (plan, learner, state, recorder) in enumerate(zip(members, learners, states, recorders)):
-        learner.model.load_state_dict(model.member_state(j))
-        record = recorder.finish(state)
+    replay = MemberReplay.of([m.learner.competitor for m in members])
+    with run_dir.Preemption() as preemption:
+        _loop(model, optimizer, replay, stream, first, timer, members, recorders, preemption)
+    records = []
+    for j, (member, recorder) in enumerate(zip(members, recorders)):
+        member.learner.model.load_state_dict(model.member_state(j))
+        record = recorder.finish(member.state)
         if first.plots.enabled:
             from memhead.plots import save_run_plots
 
-            save_run_plots(plan.out_dir, record, learner.model, stream, initial_keys[j])
-        records[todo[j]] = record
+            save_run_plots(member.plan.out_dir, record, member.learner.model, stream, initial_keys[j])
+        records.append(record)
         if models_out is not None:
-            models_out.append(learner.model)
-    _log_population_summary([records[i] for i in todo], size)
+            models_out.append(member.learner.model)
+    _log_population_summary(records, size)
     return records
+
+
+def _build_members(plans: list, stream, device) -> list[Member]:
+    """Each run's learner, built exactly as the run alone builds it (after its own seeding)."""
+    members = []
+    for index, plan in enumerate(plans):
+        generator = runner.seed_everything(plan.seed)
+        learner = runner.build_learner(plan.cfg, stream, device, generator)
+        members.append(
+            Member(
+                index,
+                slice(index, index + 1),
+                plan,
+                learner,
+                member_generator(device),
+                ProtocolState.start(stream),
+            )
+        )
+    return members
+
+
+def _resume(members: list[Member], timer: Timer) -> None:
+    """Load each member's population checkpoint (all at one boundary) into its learner and state."""
+    for member in members:
+        saved = member.plan.saved
+        if saved is None:
+            continue
+        member.saved = saved
+        member.learner.model.load_state_dict(saved["model"])
+        member.learner.competitor.load_state_dict(saved["competitor"])
+        member.learner.generator.set_state(saved["rng"]["generator"])
+        member.memories.set_state(saved["rng"]["memories"])
+        member.state = ProtocolState.from_state_dict(saved["protocol"])
+        member.earlier_s = saved["timer"]["elapsed_s"]
+        timer.seconds.update(saved["timer"]["seconds"])  # the population's, the same in every member's
+        timer.samples.update(saved["timer"]["samples"])
+        log.info("resuming %s after boundary %d", member.plan.out_dir, member.state.next_distribution - 1)
 
 
 def _step(model, optimizer, replay: MemberReplay | None, x, y, loss_name: str, size: int) -> None:
@@ -190,44 +299,87 @@ def _step(model, optimizer, replay: MemberReplay | None, x, y, loss_name: str, s
         replay.store(x, y)
 
 
-def _loop(model, optimizer, replay, stream, cfg, timer, states, recorders, size) -> None:
+def _evaluate(model, size, splits, chunk, timer, members, record) -> None:
+    """Every member's accuracy on every split: ``record(member, split name, row)``."""
+    for name, split in splits.items():
+        if split is None:
+            continue
+        with timer.measure("eval_s", len(split) * size):
+            rows = accuracies(model, size, split, chunk)
+        for member, row in zip(members, rows):
+            record(member, name, row)
+
+
+def _loop(model, optimizer, replay, stream, cfg, timer, members, recorders, preemption) -> None:
     train = stream.train
     splits = stream.splits()
     ends = distribution_ends(train.dist)
-    batch_size, loss_name = cfg.stream.batch_size, cfg.loss.name
+    size, batch_size, loss_name = len(members), cfg.stream.batch_size, cfg.loss.name
     chunk = eval_chunk(model, size, cfg.eval.chunk_size)
-    # The untrained members once on every split: the baseline of forward_transfer_gem, as run_protocol does.
-    for name, split in splits.items():
-        with timer.measure("eval_s", len(split) * size):
-            rows = accuracies(model, size, split, chunk)
-        for state, row in zip(states, rows):
-            state.initial[name] = row
+    begin = members[0].state.next_distribution  # every member of a population resumes at the same one
+    if begin == 0:
+        # The untrained members on every split: the baseline of forward_transfer_gem, as run_protocol does.
+        _evaluate(
+            model,
+            size,
+            splits,
+            chunk,
+            timer,
+            members,
+            lambda m, name, row: m.state.initial.update({name: row}),
+        )
     model.train()
-    start = 0
-    for i in range(len(ends)):
+    start = ends[begin - 1] if begin > 0 else 0
+    for i in range(begin, len(ends)):
         end = ends[i]
         with timer.measure("train_s", end - start):
             for lo in range(start, end, batch_size):
                 hi = min(lo + batch_size, end)
                 _step(model, optimizer, replay, train.x[lo:hi], train.y[lo:hi], loss_name, size)
         start = end
-        for name, split in splits.items():
-            if i < split.num_distributions:
-                with timer.measure("eval_s", len(split) * size):
-                    rows = accuracies(model, size, split, chunk)
-                for state, row in zip(states, rows):
-                    state.ccm[name][i] = row
-                    state.last[name] = {
-                        "boundary": i,
-                        **metrics.all_metrics(state.ccm[name], i, state.initial.get(name)),
-                    }
-        for state, recorder in zip(states, recorders):
-            state.boundaries.append({"index": i, **state.last})
-            state.next_distribution = i + 1
-            recorder.at_boundary(i, model, optimizer, state, stream.num_distributions)
-        test = np.array([state.last["test"].get("avg_accuracy", np.nan) for state in states])
+
+        def fill(member, name, row, i=i):
+            state = member.state
+            state.ccm[name][i] = row
+            state.last[name] = {
+                "boundary": i,
+                **metrics.all_metrics(state.ccm[name], i, state.initial.get(name)),
+            }
+
+        current = {name: split if i < split.num_distributions else None for name, split in splits.items()}
+        _evaluate(model, size, current, chunk, timer, members, fill)
+        for member in members:
+            member.state.boundaries.append({"index": i, **member.state.last})
+            member.state.next_distribution = i + 1
+        _at_boundary(i, model, optimizer, stream, members, recorders, preemption)
+        test = np.array([m.state.last["test"].get("avg_accuracy", np.nan) for m in members])
         log.info("boundary %d/%d: test avg_accuracy over %d members: mean %.4f, best %.4f",
                  i + 1, len(ends), size, test.mean(), test.max())  # fmt: skip
+
+
+def _at_boundary(i, model, optimizer, stream, members, recorders, preemption) -> None:
+    """Every member's record so far; every member's checkpoint when one is due (time-spaced, as a run
+    alone's, or on a preemption signal, after which the population stops)."""
+    n = stream.num_distributions
+    state = members[0].state
+    stopping = preemption.signum is not None and state.next_distribution < n
+    if recorders[0].checkpoint_due(i, state, n, stopping):
+        for member, recorder in zip(members, recorders):
+            payload = member_checkpoint(member, model, optimizer, member.state, recorder)
+            checkpoint.save(member.plan.out_dir / checkpoint.CHECKPOINT, payload)
+            recorder.last_save = time.perf_counter()
+    for member, recorder in zip(members, recorders):
+        runner.write_json_atomic(member.plan.metrics_path, recorder.record(member.state, complete=False))
+    if stopping:
+        where = (
+            f"its {len(members)} runs resume together after boundary {i}"
+            if members[0].plan.cfg.checkpoint.enabled
+            else "checkpoint.enabled=false: its runs start over when relaunched"
+        )
+        preemption.hand_on()
+        raise run_dir.Preempted(
+            preemption.signum, f"population stopped by signal {preemption.signum}; {where}"
+        )
 
 
 def _log_population_summary(records: list[dict], size: int) -> None:
