@@ -175,7 +175,9 @@ def _records(sweep_dir):
 def _hydra_yaml(job_dir):
     """A job's ``.hydra/hydra.yaml`` without what names its launcher and its sweep directory."""
     hydra = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra
-    del hydra.launcher, hydra.runtime.choices["hydra/launcher"], hydra.overrides.hydra
+    del hydra.launcher, hydra.overrides.hydra
+    for choice in [c for c in hydra.runtime.choices if "launcher" in c]:  # its config's defaults too
+        del hydra.runtime.choices[choice]
     text = OmegaConf.to_yaml(hydra)
     return text.replace(str(job_dir.parent), "SWEEP")
 

@@ -13,9 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
@@ -24,18 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PopulationLauncherConf:
-    _target_: str = "hydra_plugins.memhead_population.population_launcher.PopulationLauncher"
-    # Most runs in one population (null: a whole group); larger groups are split.
-    max_members: Any = None
-    # Where groups run: inline (this process, one group after the other).
-    executor: str = "inline"
-
-
-ConfigStore.instance().store(group="hydra/launcher", name="population", node=PopulationLauncherConf)
-
-EXECUTORS = ("inline",)
+EXECUTORS = ("inline", "local", "slurm")
 
 
 @dataclass
@@ -78,13 +65,17 @@ def write_job_dir(config: DictConfig) -> JobReturn:
     return ret
 
 
+def log_file(ret: JobReturn) -> str:
+    """Where a job's own log goes (Hydra's job logging writes ``<output dir>/<job name>.log``)."""
+    return os.path.join(ret.hydra_cfg.hydra.runtime.output_dir, f"{ret.hydra_cfg.hydra.job.name}.log")
+
+
 @contextlib.contextmanager
-def member_logs(rets: list[JobReturn]):
-    """The population's log lines also go to each member's ``<job name>.log``, as a run's own would."""
+def member_logs(paths: list[str]):
+    """The population's log lines also go to each member's log file, as a run's own would."""
     handlers = []
     formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    for ret in rets:
-        path = os.path.join(ret.hydra_cfg.hydra.runtime.output_dir, f"{ret.hydra_cfg.hydra.job.name}.log")
+    for path in paths:
         handler = logging.FileHandler(path, mode="a")
         handler.setFormatter(formatter)
         handlers.append(handler)
@@ -99,6 +90,16 @@ def member_logs(rets: list[JobReturn]):
             handler.close()
 
 
+def outcome_of(value) -> dict:
+    """One job's outcome as a task sends it back: its record, or why it failed (an exception may not
+    pickle)."""
+    if isinstance(value, Exception):
+        from memhead.hydra_callbacks import user_error
+
+        return {"error": user_error(value, "") or f"{type(value).__name__}: {value}".splitlines()[0]}
+    return {"record": value}
+
+
 def split(members: list, max_members: int | None) -> list[list]:
     """``members`` in consecutive chunks of at most ``max_members`` (all of them for ``None``)."""
     if not max_members:
@@ -107,7 +108,8 @@ def split(members: list, max_members: int | None) -> list[list]:
 
 
 class PopulationLauncher(Launcher):
-    def __init__(self, max_members: int | None = None, executor: str = "inline") -> None:
+    def __init__(self, max_members: int | None = None, executor: str = "inline", **executor_settings) -> None:
+        # executor_settings: the ``slurm`` and ``local`` nodes, read from the sweep's config at launch.
         super().__init__()
         if max_members is not None and (isinstance(max_members, bool) or int(max_members) < 1):
             raise ValueError(
@@ -172,55 +174,106 @@ class PopulationLauncher(Launcher):
             "Launching %d jobs as %d groups (%d as populations, %d one by one)",
             len(jobs), len(groups), batched, len(groups) - batched,
         )  # fmt: skip
+        units: list[tuple[bool, list[Job]]] = []  # (as a population?, its jobs)
         for number, (key, members) in enumerate(groups.items()):
             names = ", ".join(f"#{job.idx}" for job in members)
             if reasons[key] is not None:
                 log.info(
                     "group %d (%d jobs: %s) runs one by one: %s", number, len(members), names, reasons[key]
                 )
-                for job in members:
-                    log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
-                    job.ret = self._run_job(job, self.task_function)
+                units.append((False, members))
                 continue
             for part in split(members, self.max_members):
-                log.info(
-                    "group %d: a population of %d jobs (%s)",
-                    number,
-                    len(part),
-                    ", ".join(f"#{j.idx}" for j in part),
-                )
-                self._run_population(part)
+                log.info("group %d: a population of %d jobs (%s)", number, len(part),
+                         ", ".join(f"#{j.idx}" for j in part))  # fmt: skip
+                units.append((True, part))
+        if self.executor == "inline":
+            for population, members in units:
+                if population:
+                    self._run_population(members)
+                else:
+                    for job in members:
+                        log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
+                        job.ret = self._run_job(job, self.task_function)
+        else:
+            self._submit(units)
         return [job.ret for job in jobs]
 
-    def _run_population(self, jobs: list[Job]) -> None:
-        from memhead.config import optimized_value
-        from memhead.hydra_callbacks import SNAPSHOTS, holds_a_run, user_error
-        from memhead.population.run import run_population
-        from memhead.run_dir import Preempted
-        from memhead.runner import write_failure_record
+    def _submit(self, units: list[tuple[bool, list[Job]]]) -> None:
+        """Every unit as one submitit job (one SLURM array); wait for them, then settle each job."""
+        from hydra.core.singleton import Singleton
 
-        for job in jobs:  # directories and .hydra/ files, as the basic launcher writes them
+        from hydra_plugins.memhead_population.executors import GroupTask, make_executor
+
+        executor = make_executor(self.executor, self.config.hydra.launcher[self.executor])
+        task = GroupTask(self.hydra_context, self.task_function, Singleton.get_state())
+        arguments, written = [], []
+        for population, members in units:
+            if population:
+                prepared = self._prepare_population(members)
+                arguments.append((True, [job.ret.cfg for job in members], prepared[0],
+                                  [log_file(job.ret) for job in members]))  # fmt: skip
+            else:  # written on the node, by run_job
+                prepared = None
+                arguments.append((False, [job.config for job in members], [], []))
+            written.append(prepared)
+        submitted = executor.map_array(task, *zip(*arguments))
+        log.info("submitted %d groups as %s job(s) %s", len(units), self.executor,
+                 ", ".join(sorted({j.job_id.split("_")[0] for j in submitted})))  # fmt: skip
+        for (population, members), prepared, job in zip(units, written, submitted):
+            try:
+                outcomes = job.results()[0]
+            except Exception as err:  # noqa: BLE001 - the task failed: so did each of its jobs
+                reason = f"{self.executor} job {job.job_id} failed: {str(err).strip().splitlines()[-1:]}"
+                outcomes = [{"error": reason}] * len(members)
+            if population:
+                self._settle_population(members, *prepared, outcomes)
+                continue
+            for member, outcome in zip(members, outcomes):
+                member.ret = JobReturn(overrides=member.overrides, status=JobStatus.COMPLETED)
+                member.ret.return_value = outcome.get("value", f"failed: {outcome.get('error')}")
+
+    def _prepare_population(self, jobs: list[Job]) -> tuple[list[str], list[bool]]:
+        """Each job's directory and ``.hydra/`` files, as the basic launcher writes them; which held a run."""
+        from memhead.hydra_callbacks import holds_a_run
+
+        for job in jobs:
             job.ret = write_job_dir(job.config)
         out_dirs = [job.ret.hydra_cfg.hydra.runtime.output_dir for job in jobs]
         kept = [holds_a_run(Path(out_dir)) for out_dir in out_dirs]  # never replaced by a failure record
+        return out_dirs, kept
+
+    def _run_population(self, jobs: list[Job]) -> None:
+        from memhead.hydra_callbacks import user_error
+        from memhead.population.run import run_population
+        from memhead.run_dir import Preempted
+
+        out_dirs, kept = self._prepare_population(jobs)
         try:
-            with member_logs([job.ret for job in jobs]):
-                outcomes = run_population([job.ret.cfg for job in jobs], out_dirs)
+            with member_logs([log_file(job.ret) for job in jobs]):
+                outcomes = [outcome_of(v) for v in run_population([job.ret.cfg for job in jobs], out_dirs)]
         except Preempted as err:  # the members' checkpoints are written: a relaunch resumes them
             print(f"memhead: {err}", file=sys.stderr)
             sys.exit(128 + err.signum)
         except Exception as err:  # the population failed: so did each of its jobs
             if user_error(err, out_dirs[0]) is None:  # a bug: its traceback, once
                 log.exception("population of jobs %s failed", [job.idx for job in jobs])
-            outcomes = [err] * len(jobs)
+            outcomes = [outcome_of(err)] * len(jobs)
+        self._settle_population(jobs, out_dirs, kept, outcomes)
+
+    def _settle_population(self, jobs: list[Job], out_dirs: list[str], kept: list[bool], outcomes) -> None:
+        """Each job's return (its optimised value, or ``"failed: <reason>"`` as run.py returns it) and
+        failure record; a job refused where another run's files are keeps them as they were."""
+        from memhead.config import optimized_value
+        from memhead.hydra_callbacks import SNAPSHOTS
+        from memhead.runner import write_failure_record
+
         for job, out_dir, was_kept, outcome in zip(jobs, out_dirs, kept, outcomes):
-            if isinstance(outcome, Exception):
-                reason = (
-                    user_error(outcome, out_dir) or f"{type(outcome).__name__}: {outcome}".splitlines()[0]
-                )
-                # As run.py's failed jobs: a value that says so, and the other jobs go on.
-                job.ret.status, job.ret.return_value = JobStatus.COMPLETED, f"failed: {reason}"
-                if was_kept:  # refused where another run's files stay as they were
+            job.ret.status = JobStatus.COMPLETED  # as run.py's failed jobs: the other jobs go on
+            if "error" in outcome:
+                reason = outcome["error"]
+                job.ret.return_value = f"failed: {reason}"
+                if was_kept:
                     SNAPSHOTS.restore(Path(out_dir))
                     SNAPSHOTS.refused.append(f"{out_dir}: {reason}")
                 else:
@@ -228,5 +281,4 @@ class PopulationLauncher(Launcher):
                 print(f"error: job #{job.idx}: {reason}", file=sys.stderr)
                 continue
             SNAPSHOTS.accepted += 1
-            job.ret.status = JobStatus.COMPLETED
-            job.ret.return_value = optimized_value(outcome, job.ret.cfg.optimized_metric)
+            job.ret.return_value = optimized_value(outcome["record"], job.ret.cfg.optimized_metric)
