@@ -445,8 +445,12 @@ def hydra_error_line(err: BaseException) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from memhead.registry import ConfigError
+
     if not isinstance(err, (HydraException, OmegaConfBaseException)):
         return None
+    if isinstance(err.__cause__, ConfigError):  # a plugin's own one-line refusal (the launcher's options)
+        return str(err.__cause__)
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
     text = str(cause if cause is not None else err)
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__

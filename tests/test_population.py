@@ -350,3 +350,32 @@ def test_launcher_kill_9_and_relaunch_gives_the_same_results(tmp_path):
     assert sorted(killed) == sorted(whole) == ["0", "1", "2"]
     for job in whole:
         assert killed[job]["ccm"] == whole[job]["ccm"] and killed[job]["final"] == whole[job]["final"]
+
+
+@pytest.mark.slow
+def test_local_executor_runs_each_group_as_a_process(tmp_path):
+    sweep = ["model=mh,mlp", "competitor=none,mir", "seed=1,2", "model.hidden=4"]
+    out = _multirun(tmp_path, "local", *sweep, "hydra/launcher=population", "hydra.launcher.executor=local")
+    _multirun(tmp_path, "basic", *sweep)
+    assert "submitted 4 groups as local job(s)" in out
+    assert len(list((tmp_path / "local" / ".submitit").glob("*/*_result.pkl"))) == 4
+    local, basic = _records(tmp_path / "local"), _records(tmp_path / "basic")
+    assert sorted(local) == sorted(basic) and len(local) == 8
+    for job, record in basic.items():
+        assert local[job]["ccm"] == record["ccm"] and local[job]["config"] == record["config"]
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("executor=cloud", "hydra.launcher.executor='cloud' is not allowed; allowed: inline, local, slurm"),
+        ("max_members=0", "hydra.launcher.max_members=0 is not allowed; allowed: null, >= 1"),
+        ("max_members=many", "hydra.launcher.max_members='many' is not allowed; allowed: null, >= 1"),
+    ],
+)
+def test_bad_launcher_options_are_one_line(tmp_path, option, message):
+    command = [sys.executable, "run.py", "-m", "hydra/launcher=population", f"hydra.launcher.{option}",
+               f"hydra.sweep.dir={tmp_path}", *TINY, "seed=1,2"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: {message}"]

@@ -5,6 +5,7 @@ Needs a SLURM cluster that answers (`.ci/slurm.sh` starts a one-node one as root
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -73,3 +74,30 @@ def test_multirun_is_one_slurm_job_array_and_the_report_tables_it(tmp_path):
     assert "#SBATCH --array=0-3" in script and f"#SBATCH --partition={partition}" in script
     assert f" {sys.executable} -u -m submitit.core._submit " in script  # the jobs ran this interpreter
     check_report_matches_runs(sweep_dir, runs)
+
+
+def test_population_sweep_is_one_slurm_job_array_over_its_groups(tmp_path):
+    """hydra/launcher=population with executor=slurm: a task per group (two populations and two groups
+    run one by one), every run equal to the same sweep under the basic launcher."""
+    partition = default_partition()
+    sweep = ["progress=false", "benchmark.n=120", "model=lp,mlp", "competitor=none,mir", "seed=1,2"]
+    sweep_dir = tmp_path / "slurm"
+    command = [
+        sys.executable, str(REPO / "run.py"), "-m", *sweep, "hydra/launcher=population",
+        "hydra.launcher.executor=slurm", f"hydra.launcher.slurm.partition={partition}",
+        "hydra.launcher.slurm.mem_gb=1", f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "as 4 groups (2 as populations, 2 one by one)" in done.stderr + done.stdout
+    (batch_script,) = (sweep_dir / ".submitit").glob("*/*_submission.sh")
+    script = batch_script.read_text()
+    assert "#SBATCH --array=0-3" in script and f"#SBATCH --partition={partition}" in script
+    basic_dir = tmp_path / "basic"
+    basic = [sys.executable, str(REPO / "run.py"), "-m", *sweep, f"hydra.sweep.dir={basic_dir}"]
+    reference = subprocess.run(basic, cwd=REPO, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    for job in range(8):
+        mine = json.loads((sweep_dir / str(job) / "metrics.json").read_text())
+        theirs = json.loads((basic_dir / str(job) / "metrics.json").read_text())
+        assert mine["complete"] and mine["ccm"] == theirs["ccm"] and mine["config"] == theirs["config"]

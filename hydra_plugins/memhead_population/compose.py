@@ -56,6 +56,8 @@ class MemberComposer:
         self.validated: dict[tuple[str, ...], DictConfig] = {}
 
     def __getattr__(self, name):  # every other method is the wrapped loader's
+        if name == "loader":  # not set yet (unpickling): no recursion through __getattr__
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:

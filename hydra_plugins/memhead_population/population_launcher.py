@@ -19,6 +19,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from memhead.registry import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -111,12 +113,12 @@ class PopulationLauncher(Launcher):
     def __init__(self, max_members: int | None = None, executor: str = "inline", **executor_settings) -> None:
         # executor_settings: the ``slurm`` and ``local`` nodes, read from the sweep's config at launch.
         super().__init__()
-        if max_members is not None and (isinstance(max_members, bool) or int(max_members) < 1):
-            raise ValueError(
-                f"hydra.launcher.max_members={max_members} is not allowed; allowed: null or >= 1"
+        if max_members is not None and (type(max_members) is not int or max_members < 1):
+            raise ConfigError(
+                f"hydra.launcher.max_members={max_members!r} is not allowed; allowed: null, >= 1"
             )
         if executor not in EXECUTORS:
-            raise ValueError(
+            raise ConfigError(
                 f"hydra.launcher.executor={executor!r} is not allowed; allowed: {', '.join(EXECUTORS)}"
             )
         self.max_members = None if max_members is None else int(max_members)
@@ -206,7 +208,10 @@ class PopulationLauncher(Launcher):
         from hydra_plugins.memhead_population.executors import GroupTask, make_executor
 
         executor = make_executor(self.executor, self.config.hydra.launcher[self.executor])
-        task = GroupTask(self.hydra_context, self.task_function, Singleton.get_state())
+        # The tasks compose nothing: they carry Hydra's own loader, not the composer and its caches.
+        context = HydraContext(config_loader=self.hydra_context.config_loader.loader,
+                               callbacks=self.hydra_context.callbacks)  # fmt: skip
+        task = GroupTask(context, self.task_function, Singleton.get_state())
         arguments, written = [], []
         for population, members in units:
             if population:
@@ -224,7 +229,8 @@ class PopulationLauncher(Launcher):
             try:
                 outcomes = job.results()[0]
             except Exception as err:  # noqa: BLE001 - the task failed: so did each of its jobs
-                reason = f"{self.executor} job {job.job_id} failed: {str(err).strip().splitlines()[-1:]}"
+                last = (str(err).strip().splitlines() or [type(err).__name__])[-1].strip()
+                reason = f"{self.executor} job {job.job_id} failed ({last}); its log: {job.paths.stderr}"
                 outcomes = [{"error": reason}] * len(members)
             if population:
                 self._settle_population(members, *prepared, outcomes)
