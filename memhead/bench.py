@@ -16,7 +16,9 @@ step, the next online step...; medians), so that caches, thread state and machin
   ``STREAM_TARGET_S`` seconds, and again with ``distance=euclidean``, whose evaluation time should stay
   within ``EUCLIDEAN_STREAM_TARGET`` times the cosine stream's.
 
-Options: ``--device cpu|cuda``, ``--quick`` (a smoke run: few repeats, a short stream), ``--repeats N``.
+Options: ``--device cpu|cuda``, ``--quick`` (a smoke run: few repeats, a short stream), ``--repeats N``;
+``--population`` prints instead the per-member cost of a population's online step
+(:mod:`memhead.population.bench`).
 """
 
 from __future__ import annotations
@@ -304,19 +306,47 @@ def closed_form_rows(work: Workload, repeats: int, line: Callable) -> None:
     line("SLDA refactorisation (s, per boundary)", evals["refresh"])
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed are positive integers, comma-separated (1,8,64)")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memhead.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: few repeats, a short stream")
-    parser.add_argument("--repeats", type=int, default=None, help="timed online steps (300; quick: 20)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed steps (300, quick 20; --population: 100, quick 10)"
+    )
     parser.add_argument("--skip-stream", action="store_true", help="leave out the end-to-end stream")
+    parser.add_argument(
+        "--population",
+        action="store_true",
+        help="instead: per-member cost of one online step of populations (2-D MH, NS-ImageNet head)",
+    )
+    parser.add_argument(
+        "--population-sizes",
+        type=_sizes,
+        default=None,
+        help="members of the measured populations, comma-separated (default: 1,8,64)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available here")
-    repeats = args.repeats or (20 if args.quick else 300)
-
     prepare_process()
+    if args.population or args.population_sizes:
+        from memhead.population.bench import SIZES, population_rows
+
+        # Fewer by default: a step of 64 NS-ImageNet heads takes the better part of a second on a CPU.
+        population_rows(device, args.repeats or (10 if args.quick else 100), args.population_sizes or SIZES)
+        return 0
+    repeats = args.repeats or (20 if args.quick else 300)
     work = Workload(device)
     peaks = {part: peak_memory(work, part) for part in ("step", "eval")}
     steps = {
