@@ -1,7 +1,7 @@
 """``python -m memhead.bench --population``: what one online step costs each member of a population.
 
 For populations of ``SIZES`` members of the paper's 2-D Memory Head and of its NS-ImageNet head, one
-step of the population loop (:func:`memhead.population.run._loop`: forward on the sample expanded to
+step of the population loop (:func:`memhead.population.run.population_step`: forward on the sample expanded to
 every member, :func:`~memhead.population.run.population_loss`, zero_grad, backward, optimizer step),
 alternated call by call with the single run's step (the run's own model and optimizer, the loop body
 of :mod:`memhead.protocol`); medians per member. The members are the runs of seeds 1..P, built as a
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from memhead import runner
 from memhead.config import resolve_threads
 from memhead.population.build import build_model, build_optimizer, member_generator
-from memhead.population.run import population_loss
+from memhead.population.run import population_step
 
 SIZES = (1, 8, 64)
 # Heads measured: name -> overrides of conf/config.yaml. The paper's 2-D MH is conf/model/mh.yaml's
@@ -66,7 +66,7 @@ def single_steps(learner: runner.Learner, x: torch.Tensor, y: torch.Tensor) -> C
 
 
 def population_steps(model, optimizer, loss_name: str, size: int, x, y) -> Callable[[int], None]:
-    """``run(n)``: ``n`` one-sample steps of the population along ``x``, as its ``_loop`` steps."""
+    """``run(n)``: ``n`` one-sample steps of the population along ``x``: its loop's own step."""
     position = [0]
 
     def run(n: int) -> None:
@@ -74,11 +74,7 @@ def population_steps(model, optimizer, loss_name: str, size: int, x, y) -> Calla
         for _ in range(n):
             i = position[0]
             position[0] = (i + 1) % len(x)
-            xi, yi = x[i : i + 1], y[i : i + 1]
-            loss = population_loss(loss_name, model(xi.expand(size, *xi.shape)), yi)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            population_step(model, optimizer, None, x[i : i + 1], y[i : i + 1], loss_name, size)
 
     return run
 

@@ -284,7 +284,7 @@ def _resume(members: list[Member], timer: Timer) -> None:
         log.info("resuming %s after boundary %d", member.plan.out_dir, member.state.next_distribution - 1)
 
 
-def _step(model, optimizer, replay: MemberReplay | None, x, y, loss_name: str, size: int) -> None:
+def population_step(model, optimizer, replay: MemberReplay | None, x, y, loss_name: str, size: int) -> None:
     """One online step of every member: the run alone's forward, backward, replay, step and storage."""
     loss = population_loss(loss_name, model(x.expand(size, *x.shape)), y)
     optimizer.zero_grad(set_to_none=True)
@@ -335,7 +335,7 @@ def _loop(model, optimizer, replay, stream, cfg, timer, members, recorders, pree
         with timer.measure("train_s", end - start):
             for lo in range(start, end, batch_size):
                 hi = min(lo + batch_size, end)
-                _step(model, optimizer, replay, train.x[lo:hi], train.y[lo:hi], loss_name, size)
+                population_step(model, optimizer, replay, train.x[lo:hi], train.y[lo:hi], loss_name, size)
         start = end
 
         def fill(member, name, row, i=i):
