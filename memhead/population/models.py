@@ -44,18 +44,6 @@ def _along(value: Scalar, ndim: int) -> Scalar:
     return value.view(-1, *[1] * (ndim - 1)) if isinstance(value, torch.Tensor) else value
 
 
-def _member_math(function, *values: Scalar) -> Scalar:
-    """``function`` of per-member scalars, computed in double per member, then rounded (as the layer's
-    Python arithmetic rounds once, when the result meets a tensor)."""
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if not tensors:
-        return function(*values)
-    size = tensors[0].numel()
-    columns = [v.double().tolist() if isinstance(v, torch.Tensor) else [v] * size for v in values]
-    result = [function(*row) for row in zip(*columns)]
-    return torch.tensor(result, dtype=tensors[0].dtype, device=tensors[0].device)
-
-
 class PopulationModule(nn.Module):
     """Shared by every population model: ``size`` members, and the names of the run alone's state."""
 
@@ -179,8 +167,19 @@ class PopulationMemoryHead(PopulationModule):
         self._set_scalars(torch.float32, torch.device("cpu"))
 
     def _set_scalars(self, dtype, device) -> None:
-        for name, values in self.scalar_values.items():
-            setattr(self, name, member_scalar(values, dtype, device))
+        values = self.scalar_values
+        for name, member_values in values.items():
+            setattr(self, name, member_scalar(member_values, dtype, device))
+
+        def derived(function, *names):  # computed once per member in double, rounded as the layer rounds
+            if any(v is None for name in names for v in values[name]):
+                return None
+            return member_scalar([function(*row) for row in zip(*(values[n] for n in names))], dtype, device)
+
+        root = math.sqrt(self.key_size)
+        self.score_width = derived(lambda s: root * s, "sigma_eu")  # euclidean scores exp(-|q-k|^2 / width)
+        self.dot_step = derived(lambda b: b / root, "beta_k")  # dot_scaled key step
+        self.euclidean_step = derived(lambda b, s: b / (root * s), "beta_k", "sigma_eu")
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -227,7 +226,7 @@ class PopulationMemoryHead(PopulationModule):
         scale = math.sqrt(self.key_size)
         if self.distance == "euclidean":
             squared = (queries[:, :, None, None, :] - keys[:, None]).pow(2).sum(-1)
-            return torch.exp(-squared / _along(_member_math(lambda s: scale * s, self.sigma_eu), 4))
+            return torch.exp(-squared / _along(self.score_width, 4))
         return torch.einsum("pbd,pqmd->pbqm", queries, keys) / scale
 
     def _selected_units(self, top_indices: torch.Tensor) -> torch.Tensor:
@@ -289,9 +288,9 @@ class PopulationMemoryHead(PopulationModule):
         if self.distance == "cosine":
             steps = _along(self.beta_k, 4) * inputs
         elif self.distance == "dot_scaled":
-            steps = _along(_member_math(lambda b: b / math.sqrt(d), self.beta_k), 4) * inputs
+            steps = _along(self.dot_step, 4) * inputs
         else:
-            rate = _member_math(lambda b, s: b / (math.sqrt(d) * s), self.beta_k, self.sigma_eu)
+            rate = self.euclidean_step
             current = flat_keys.index_select(0, rows).view(size, batch, q, d)
             steps = (_along(rate, 3) * winner_scores)[..., None] * (inputs - current)
         flat_keys.index_add_(0, rows, steps.reshape(-1, d))

@@ -109,9 +109,10 @@ class PopulationAdam(PopulationOptimizer):
     def _fused_step(self) -> None:
         self.steps += 1
         self._step.fill_(self.steps)
+        grads = [p.grad.unbind(0) for p in self.params]  # once per step, shared by the groups
         for ((lr, weight_decay), members), (params, exp_avgs, exp_avg_sqs) in zip(self.groups, self._fixed):
             torch._fused_adam_(
-                params, self._views([p.grad for p in self.params], members), exp_avgs, exp_avg_sqs, [],
+                params, [rows[m] for rows in grads for m in members], exp_avgs, exp_avg_sqs, [],
                 [self._step] * len(params), lr=lr, beta1=self.betas[0], beta2=self.betas[1],
                 weight_decay=weight_decay, eps=self.eps, amsgrad=False, maximize=False,
             )  # fmt: skip
@@ -169,11 +170,12 @@ class PopulationSGD(PopulationOptimizer):
         first = self.momentum != 0 and self.buffers[0] is None
         if first:
             self.buffers = [torch.empty_like(p) for p in self.params]
+        params, grads = [p.unbind(0) for p in self.params], [p.grad.unbind(0) for p in self.params]
+        buffers = [b.unbind(0) for b in self.buffers] if self.momentum else []
         for (lr, weight_decay), members in self.groups:
-            params = self._views(self.params, members)
             torch._fused_sgd_(
-                params, self._views([p.grad for p in self.params], members),
-                self._views(self.buffers, members) if self.momentum else [],
+                [rows[m] for rows in params for m in members], [rows[m] for rows in grads for m in members],
+                [rows[m] for rows in buffers for m in members],
                 weight_decay=weight_decay, momentum=self.momentum, lr=lr, dampening=0.0, nesterov=False,
                 maximize=False, is_first_step=first,
             )  # fmt: skip
