@@ -358,8 +358,9 @@ def _loop(model, optimizer, replay, stream, cfg, timer, members, recorders, pree
 
 
 def _at_boundary(i, model, optimizer, stream, members, recorders, preemption) -> None:
-    """Every member's record so far; every member's checkpoint when one is due (time-spaced, as a run
-    alone's, or on a preemption signal, after which the population stops)."""
+    """Every member's checkpoint and record so far, when a checkpoint is due (time-spaced, as a run
+    alone's, or on a preemption signal, after which the population stops). The record is written with
+    the checkpoint: what a killed population's records say is what its resume continues from."""
     n = stream.num_distributions
     state = members[0].state
     stopping = preemption.signum is not None and state.next_distribution < n
@@ -368,8 +369,7 @@ def _at_boundary(i, model, optimizer, stream, members, recorders, preemption) ->
             payload = member_checkpoint(member, model, optimizer, member.state, recorder)
             checkpoint.save(member.plan.out_dir / checkpoint.CHECKPOINT, payload)
             recorder.last_save = time.perf_counter()
-    for member, recorder in zip(members, recorders):
-        runner.write_json_atomic(member.plan.metrics_path, recorder.record(member.state, complete=False))
+            runner.write_json_atomic(member.plan.metrics_path, recorder.record(member.state, complete=False))
     if stopping:
         where = (
             f"its {len(members)} runs resume together after boundary {i}"
