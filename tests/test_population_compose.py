@@ -25,6 +25,19 @@ def sweep_jobs(loader, master, limit: int) -> list[list[str]]:
     return [list(job) for job in batch[:limit]]
 
 
+def _flags(cfg) -> list:
+    """Every node's path, type and flags (struct, readonly), depth first."""
+    out = [("", OmegaConf.get_type(cfg), dict(cfg._metadata.flags))]
+    keys = range(len(cfg)) if OmegaConf.is_list(cfg) else list(cfg.keys())
+    for key in keys:
+        node = cfg._get_node(key)
+        if OmegaConf.is_config(node):
+            out += [(f"{key}.{path}", kind, flags) for path, kind, flags in _flags(node)]
+        else:
+            out.append((str(key), type(node).__name__, dict(node._metadata.flags)))
+    return out
+
+
 @pytest.fixture
 def loader():
     register_sweeps()
@@ -50,6 +63,7 @@ def test_derived_configs_equal_hydras(loader, sweep, extra):
         ours = composer.load_sweep_config(master, job)
         hydras = loader.load_sweep_config(master, job)
         assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(hydras), job
+        assert _flags(ours) == _flags(hydras)
         tasks = []
         for cfg in (ours, hydras):  # the task config, resolved, as the run reads it
             with open_dict(cfg):
