@@ -3,8 +3,8 @@ key-indexed memory units (behaviour: ``shared/spec/memory-head.md``).
 
 The specification's steps live in :mod:`memhead.reference`, once. This module owns the options (the
 constructor's signature is the single source of their defaults and allowed values) and the fast
-path, which differs from the reference only in how the output and its gradient are computed
-(:mod:`memhead.blending`).
+path, which differs from the reference only in how the output and its gradient, the top-δ and
+the attention are computed (:mod:`memhead.blending`; the same values, the same top-δ on ties).
 """
 
 from __future__ import annotations
@@ -188,14 +188,15 @@ class MemoryHead(nn.Module):
         # One thread for the many small operations; the large products ask for the whole team.
         with blending.cpu_threads(flat.device, parallel=False):
             learning = self.training and torch.is_grad_enabled()
+            # The fast path's top-δ and attention: the same values, cheaper for many key sets.
+            steps = reference if self.impl == "reference" else blending
             z = reference.queries(self, x)
             with blending.cpu_threads(
                 flat.device, parallel=len(z) * self.keys.numel() >= blending.PARALLEL_MACS
             ):
-                top_scores, top_indices = reference.top(
-                    reference.scores(self, z, self._scoring_keys(learning)), self.delta
-                )
-            alpha = reference.attention(self, top_scores)
+                scores = reference.scores(self, z, self._scoring_keys(learning))
+                top_scores, top_indices = steps.top(scores, self.delta)
+            alpha = steps.attention(self, top_scores)
             output = self._output(alpha, top_indices, flat)
             self.last_top_indices = top_indices.detach()
             if learning and self.upd_k == "ad_hoc_WTA":
