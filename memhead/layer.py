@@ -40,6 +40,21 @@ class MemoryHeadOptionError(ValueError):
         return self.template.format(**{key: prefix + name for key, name in self.names.items()})
 
 
+class MemoryHeadOptionWarning(UserWarning):
+    """A Memory Head option the layer adjusted (``delta`` clipped to ``key_mem_units``); one line naming
+    the argument(s), and ``option_message(prefix)`` / ``prefixed(prefix)`` as for the error."""
+
+    def __init__(self, template: str, **names: str):
+        self.template, self.names = template, names
+        super().__init__(self.option_message(""))
+
+    option_message = MemoryHeadOptionError.option_message
+
+    def prefixed(self, prefix: str) -> MemoryHeadOptionWarning:
+        """The same warning with every argument name prefixed."""
+        return type(self)(self.template, **{key: prefix + name for key, name in self.names.items()})
+
+
 class MemoryHead(nn.Module):
     r"""A linear layer whose weights are blended, per sample, from ``m`` key-indexed memory units.
 
@@ -358,11 +373,11 @@ def check_options(in_features: int, out_features: int, **options: Any) -> dict[s
     out["delta"] = _integer("delta", opts["delta"], 1)
     if out["delta"] > m:
         warnings.warn(
-            MemoryHeadOptionError(
-                f"{{delta}}={out['delta']} is above {{m}}={m}; using delta={m}",
+            MemoryHeadOptionWarning(
+                f"{{delta}}={out['delta']} is above {{m}}={m}; using {{delta}}={m}",
                 delta="delta",
                 m="key_mem_units",
-            ).option_message(""),
+            ),
             stacklevel=3,
         )
         out["delta"] = m
