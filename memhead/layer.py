@@ -24,6 +24,10 @@ from torch import nn
 from memhead import blending, reference
 from memhead.psi import PSI_NAMES
 
+# Scores from this many floats on are kept in a buffer during evaluation (smaller tensors come back
+# from the allocator's free lists, without page faults).
+SCORE_BUFFER_MIN_FLOATS = 1 << 22
+
 
 class MemoryHeadOptionError(ValueError):
     """A Memory Head option the layer cannot accept; one line naming the argument(s).
@@ -168,6 +172,7 @@ class MemoryHead(nn.Module):
                 name, torch.empty(shape, device=device, dtype=kind) if self.scramble else None
             )
         self.last_top_indices: torch.Tensor | None = None
+        self._score_buffer: torch.Tensor | None = None
         self._recycler = blending.GradientRecycler(self.memories)
         self.reset_parameters()
 
@@ -209,7 +214,8 @@ class MemoryHead(nn.Module):
             with blending.cpu_threads(
                 flat.device, parallel=len(z) * self.keys.numel() >= blending.PARALLEL_MACS
             ):
-                scores = reference.scores(self, z, self._scoring_keys(learning))
+                keys = self._scoring_keys(learning)
+                scores = reference.scores(self, z, keys, out=self._evaluation_buffer(z, keys))
                 top_scores, top_indices = steps.top(scores, self.delta)
             alpha = steps.attention(self, top_scores)
             output = self._output(alpha, top_indices, flat)
@@ -217,6 +223,38 @@ class MemoryHead(nn.Module):
             if learning and self.upd_k == "ad_hoc_WTA":
                 reference.key_update(self, z, top_scores[..., 0], top_indices[..., 0])
             return output
+
+    def train(self, mode: bool = True) -> MemoryHead:
+        if mode:
+            self._score_buffer = None  # evaluation's, released when training resumes
+        return super().train(mode)
+
+    def _evaluation_buffer(self, z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+        """Where an evaluation forward's scores go, chunk after chunk (``None``: a fresh tensor).
+
+        A fresh CPU tensor of tens of MB (per-neuron keys) costs a page fault per 4 kB: about a fifth
+        of its own product. The fast path's scores are consumed by its top-δ and never escape, so in
+        ``eval()`` mode one buffer serves every chunk, until ``train()``.
+        """
+        size = len(z) * keys.shape[0] * keys.shape[1]
+        if (
+            self.impl == "reference"
+            or self.training
+            or self.distance == "euclidean"
+            or z.device.type != "cpu"
+            or size < SCORE_BUFFER_MIN_FLOATS
+            or (torch.is_grad_enabled() and (z.requires_grad or keys.requires_grad))
+        ):
+            return None
+        buffer = self._score_buffer
+        if (
+            buffer is None
+            or buffer.numel() < size
+            or buffer.dtype != z.dtype
+            or buffer.is_inference() != torch.is_inference_mode_enabled()
+        ):
+            buffer = self._score_buffer = z.new_empty(size)
+        return buffer[:size].view(len(z), -1)
 
     def _scoring_keys(self, learning: bool) -> torch.Tensor:
         if self.distance != "cosine" or self.upd_k == "ad_hoc_WTA":

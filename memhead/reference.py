@@ -36,8 +36,9 @@ def queries(head, x: torch.Tensor) -> torch.Tensor:
     return F.normalize(z, dim=-1) if head.distance == "cosine" else z
 
 
-def scores(head, z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Step 2: scores ``(b, q, m)`` of queries ``(b, d)`` against keys ``(q, m, d)``."""
+def scores(head, z: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 2: scores ``(b, q, m)`` of queries ``(b, d)`` against keys ``(q, m, d)`` (cosine and
+    dot_scaled: written into ``out`` ``(b, q * m)`` if given)."""
     q, d = keys.shape[0], keys.shape[-1]
     if head.distance == "euclidean":
         # The paper's formula (cdist takes its matmul expansion for large sizes): no (b, m, d) tensor.
@@ -45,7 +46,7 @@ def scores(head, z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return torch.exp(-squared / (math.sqrt(d) * head.sigma_eu))
     # The paper's z @ K.T, with every key set's keys as columns of one product (scaled in place: the
     # same values without a second (b, q, m) tensor).
-    return (z @ keys.reshape(-1, d).T).div_(math.sqrt(d)).view(len(z), q, -1)
+    return torch.mm(z, keys.reshape(-1, d).T, out=out).div_(math.sqrt(d)).view(len(z), q, -1)
 
 
 def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

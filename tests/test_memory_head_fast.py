@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memhead import blending, reference
+from memhead import blending, layer, reference
 from memhead.layer import MemoryHead
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,6 +324,31 @@ def test_per_neuron_evaluation_in_slices(monkeypatch):
         expected, _ = reference_forward(head, x)
         monkeypatch.setattr(blending, "SLICE_FLOATS", 1)
         torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "dot_scaled"])
+def test_evaluation_chunks_share_one_score_buffer(distance, monkeypatch):
+    """Chunks of changing sizes, under inference mode and no_grad, score into one buffer (as large as
+    the largest chunk so far) with the reference's results; train() releases it."""
+    monkeypatch.setattr(layer, "SCORE_BUFFER_MIN_FLOATS", 0)
+    head = make_head(shared_keys=False, distance=distance).eval()
+    pointers = []
+    for size, context in [(7, torch.inference_mode), (7, torch.inference_mode), (3, torch.inference_mode),
+                          (5, torch.no_grad), (11, torch.no_grad), (4, torch.no_grad)]:  # fmt: skip
+        x = torch.randn(size, IN)
+        with torch.no_grad():
+            expected, indices = reference_forward(head, x)
+        with context():
+            output = head(x)
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-4)
+        assert torch.equal(head.last_top_indices, indices)
+        pointers.append(head._score_buffer.data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2]  # the first size is the largest until 11
+    assert pointers[3] != pointers[2] and pointers[4] != pointers[3] and pointers[5] == pointers[4]
+    head.train()
+    assert head._score_buffer is None
+    head(torch.randn(3, IN)).sum().backward()  # training scores by autograd, without the buffer
+    assert head._score_buffer is None
 
 
 @pytest.mark.parametrize("bias", [True, False])
