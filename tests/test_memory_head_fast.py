@@ -197,6 +197,36 @@ def test_exact_ties_pick_what_topk_picks_on_the_papers_scores(distance, shared_k
     assert not_lowest_index > 0  # ties that "lowest index first" would have broken otherwise
 
 
+@pytest.mark.parametrize(
+    ("psi", "key_size", "shape"),
+    [("identity", None, (40, IN)), ("sign", None, (40, IN)), ("resize1d", 3, (40, IN)),
+     ("resize2d", 4, (40, 1, 2, 3))],
+)  # fmt: skip
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "dot_scaled"])
+def test_per_neuron_evaluation_on_every_psi(distance, psi, key_size, shape, top_rule, monkeypatch):
+    """Per-neuron keys through the fast path (its top-δ rule, score buffer, sampled products) on every
+    query map, keys drawn from a few patterns so that scores tie: the reference's outputs, and the
+    paper's topk choice where its score formula is at hand (identity and sign queries)."""
+    monkeypatch.setattr(layer, "SCORE_BUFFER_MIN_FLOATS", 0)
+    options = {"distance": distance, "psi": psi, "key_size": key_size, "key_mem_units": 12, "delta": 3}
+    head = make_head(shared_keys=False, **options).eval()
+    torch.manual_seed(4)
+    patterns = torch.sign(torch.randn(3, head.key_size))
+    with torch.no_grad():
+        head.keys.copy_(patterns[torch.randint(0, 3, head.keys.shape[:2])])
+        if distance == "cosine":
+            head.keys.copy_(F.normalize(head.keys, dim=-1))
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected, indices = reference_forward(head, x)
+    with torch.inference_mode():
+        output = head(x)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(head.last_top_indices, indices)
+    if psi in ("identity", "sign"):
+        assert torch.equal(head.last_top_indices, papers_top_indices(head, x.view(len(x), -1)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(("m", "delta"), [(2, 2), (3, 2), (5, 3), (12, 4), (100, 2)])
 def test_top_by_maxima_returns_what_topk_returns(m, delta, dtype, top_rule):
