@@ -128,7 +128,7 @@ MAXIMA_MIN_ROWS = 1 << 10
 
 
 def prefer_maxima(rows: int, m: int, delta: int, device: torch.device) -> bool:
-    """Whether :func:`top` takes ``δ + 1`` max passes rather than one ``torch.topk``.
+    """Whether :func:`top` takes ``δ`` max passes and one ``amax`` rather than one ``torch.topk``.
 
     CPU only: a GPU's topk is one fast kernel, and the passes would need a host sync for the rows
     with ties.
