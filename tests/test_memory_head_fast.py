@@ -229,9 +229,11 @@ def test_per_neuron_evaluation_on_every_psi(distance, psi, key_size, shape, top_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(("m", "delta"), [(2, 2), (3, 2), (5, 3), (12, 4), (100, 2)])
-def test_top_by_maxima_returns_what_topk_returns(m, delta, dtype, top_rule):
+def test_top_by_maxima_returns_what_topk_returns(m, delta, dtype, monkeypatch):
     """Scores from a few values (ties everywhere), with NaN and -inf: the same values and indices as
     torch.topk, row by row, and also for δ = m (no score left to compare the δ-th with)."""
+    monkeypatch.setattr(blending, "MAXIMA_MIN_ROWS", 1)
+    assert blending.prefer_maxima(900, m, delta, torch.device("cpu"))
     torch.manual_seed(m * delta)
     inf, nan = float("inf"), float("nan")
     crafted = [[5, -inf], [-inf, -inf], [nan, 1], [1, nan], [2, 2], [3, 1], [1, 3], [-inf, 4], [nan, nan]]
