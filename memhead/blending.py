@@ -9,7 +9,11 @@ needs ``b × δ × out`` floats where blending the weights needs ``b × δ × u`
   unit padded to a common number of rows, a second one over the few crowded units) or the *dense*
   one (every unit applied to every sample: ``m / δ`` times the arithmetic; small layers and GPUs).
 * Per-neuron key sets: every unit applied to every sample (:func:`per_neuron_outputs_dense`, few
-  units) or the selected rows blended by one embedding-bag call per slice of the batch.
+  units), or only the selected (sample, unit) dot products (:func:`per_neuron_outputs_sampled`, a
+  sampled sparse product; CPU), or the selected rows blended by one embedding-bag call per slice of
+  the batch (layer norm, other devices).
+* Top-δ and attention (:func:`top`, :func:`attention`): the reference's exact values, ties included,
+  by cheaper means for the ``b × q`` rows of per-neuron keys.
 * Training: :class:`SelectedUnits`, an autograd function with the gradients of blending the weights,
   whose memory gradient reuses the previous step's tensor (:class:`GradientRecycler`). (With layer
   norm the gains multiply the weights; training then blends weights, :func:`memhead.reference.output`.)
@@ -19,6 +23,8 @@ needs ``b × δ × out`` floats where blending the weights needs ``b × δ × u`
 from __future__ import annotations
 
 import bisect
+import math
+import warnings
 import weakref
 
 import torch
@@ -34,6 +40,10 @@ _MACS_PER_CALL_ACCELERATOR = 2e8
 # Multiply-adds in the time of gathering one float of a selected unit (memory-bound): measured alike
 # on a 2-core CPU and estimated for GPUs from their arithmetic and memory speeds.
 MACS_PER_GATHERED_FLOAT = 16
+# Dense multiply-adds in the time of one of a sampled product's (its dot products read rows one by
+# one, a dense product reuses them from registers): measured on a 2-core CPU, 8 at 512 inputs
+# (more below: a per-product overhead), e.g. 13 at 64.
+MACS_PER_SAMPLED_MAC = 8
 # Floats of one intermediate slice: small enough to stay in cache; larger batches go slice by slice.
 SLICE_FLOATS = 1 << 20
 
@@ -94,17 +104,82 @@ def prefer_dense(
         delta: ``δ``, units selected per sample.
         unit_macs: multiply-adds of one unit (of every key set) applied to one sample.
         device: where the work runs.
-        alternative: ``'grouped'`` (products grouped by unit, an overhead per unit) or ``'gathered'``
-            (the selected units' floats are gathered and blended per sample).
+        alternative: ``'grouped'`` (products grouped by unit, an overhead per unit), ``'gathered'``
+            (the selected units' floats are gathered and blended per sample) or ``'sampled'`` (only
+            the selected products, :func:`per_neuron_outputs_sampled`).
 
     Returns:
         ``True`` when the dense strategy's extra arithmetic costs less than the alternative's overhead.
     """
     if alternative == "gathered":
         return units * unit_macs <= delta * unit_macs * MACS_PER_GATHERED_FLOAT
+    if alternative == "sampled":
+        return units * unit_macs <= delta * unit_macs * MACS_PER_SAMPLED_MAC
     extra_macs = batch * (units - delta) * unit_macs
     calls = min(units, batch * delta)
     return extra_macs <= calls * _macs_per_call(device)
+
+
+# Top-δ by maxima (:func:`top`), measured on a 2-core CPU: a max pass over ``m`` scores per row
+# costs ``m`` units, ``torch.topk`` about ``8 m`` below its partial-sort regime (``m >= 64 δ``) and
+# about ``1.5 m`` in it; for ``δ = 1`` topk is a max pass itself. Few rows: topk's one call wins.
+MAXIMA_DELTAS = range(2, 5)
+MAXIMA_MIN_ROWS = 1 << 10
+
+
+def prefer_maxima(rows: int, m: int, delta: int, device: torch.device) -> bool:
+    """Whether :func:`top` takes ``δ`` max passes and one ``amax`` rather than one ``torch.topk``.
+
+    CPU only: a GPU's topk is one fast kernel, and the passes would need a host sync for the rows
+    with ties.
+    """
+    return device.type == "cpu" and delta in MAXIMA_DELTAS and m < 64 * delta and rows >= MAXIMA_MIN_ROWS
+
+
+def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`memhead.reference.top`'s values and indices, exactly, ties included.
+
+    Where the ``δ`` best scores of a row are distinct and above all others, the answer is unique:
+    ``δ`` max passes (each maximum masked to ``-inf`` for the next) find it, and one more checks that
+    the ``δ``-th is above the rest. Where it is not (exact ties, NaN, ``-inf`` selected), the order
+    among equal scores is ``torch.topk``'s own, so those rows alone go through ``torch.topk``.
+    ``scores`` (no gradient) is consumed: its best ``δ`` per row are left masked.
+
+    Args:
+        scores: ``(..., m)``.
+        delta: ``δ <= m``.
+    """
+    m = scores.shape[-1]
+    flat = scores.view(-1, m) if scores.is_contiguous() else scores.reshape(-1, m)
+    if scores.requires_grad or not prefer_maxima(len(flat), m, delta, scores.device):
+        return reference.top(scores, delta)
+    values, indices = [], []
+    for _ in range(delta):
+        value, index = flat.max(dim=1, keepdim=True)
+        values.append(value)
+        indices.append(index)
+        flat.scatter_(1, index, float("-inf"))
+    # The best of the rest (-inf when there is none: the δ-th must then beat the masks).
+    values.append(flat.amax(dim=1, keepdim=True) if delta < m else torch.full_like(values[0], -math.inf))
+    values, indices = torch.cat(values, dim=1), torch.cat(indices, dim=1)
+    # A NaN anywhere in a row is its first maximum (max and topk both put NaN first).
+    tied = (values[:, :-1] <= values[:, 1:]).any(dim=1) | values[:, 0].isnan()
+    tied = tied.nonzero().squeeze(1)
+    values = values[:, :delta].contiguous()
+    if len(tied):
+        rows, ranks = flat.index_select(0, tied), indices.index_select(0, tied)
+        for rank in reversed(range(delta)):  # the rows as they were (a rank after -inf saw a mask)
+            rows.scatter_(1, ranks[:, rank : rank + 1], values[tied, rank : rank + 1])
+        values[tied], indices[tied] = reference.top(rows, delta)
+    shape = (*scores.shape[:-1], delta)
+    return values.view(shape), indices.view(shape)
+
+
+def attention(head, top_scores: torch.Tensor) -> torch.Tensor:
+    """:func:`memhead.reference.attention`'s values, the softmax taken along a leading dimension:
+    along a last dimension of δ it costs about 15 times more (per row overhead)."""
+    leading = torch.softmax(head.gamma_alpha * top_scores.movedim(-1, 0).contiguous(), dim=0)
+    return leading.movedim(0, -1).contiguous()
 
 
 def evaluate(head, alpha: torch.Tensor, top_indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -120,13 +195,17 @@ def evaluate(head, alpha: torch.Tensor, top_indices: torch.Tensor, x: torch.Tens
         units = memories[:, : head.weight_size].view(head.key_mem_units, head.out_features, n_cols)
         return shared_unit_outputs(inputs, units, top_indices[:, 0], alpha[:, 0], head.bias)
     batch, q, delta = top_indices.shape
-    if not head.layer_norm and prefer_dense(
-        batch, head.key_mem_units, delta, q * n_cols, x.device, "gathered"
-    ):
+    if not head.layer_norm:
         inputs = F.pad(x, (0, 1), value=1.0) if head.bias else x
-        return per_neuron_outputs_dense(inputs, head.memories[..., :n_cols], top_indices, alpha)
+        units = head.memories[..., :n_cols]
+        sampled = sampled_products_apply(x)
+        alternative = "sampled" if sampled else "gathered"
+        if prefer_dense(batch, head.key_mem_units, delta, q * n_cols, x.device, alternative):
+            return per_neuron_outputs_dense(inputs, units, top_indices, alpha)
+        if sampled:
+            return per_neuron_outputs_sampled(inputs, units, top_indices, alpha)
     # Per-neuron units are single rows: one embedding-bag call blends them (no gathered copies), in
-    # slices of the batch that stay in cache.
+    # slices of the batch that stay in cache. (With layer norm the gains multiply each row.)
     table = head.memories.view(q * head.key_mem_units, head.unit_size)
     unit_rows = reference.rows(head, top_indices, dim=1).reshape(-1, delta)
     weights = alpha.reshape(-1, delta)
@@ -311,6 +390,53 @@ def per_neuron_outputs_dense(
     for lo, hi, every in _every_unit_output(inputs, units.reshape(q * m, n)):
         result[lo:hi] = (every.view(hi - lo, q, m).gather(2, indices[lo:hi]) * attention[lo:hi]).sum(dim=-1)
     return result
+
+
+def sampled_products_apply(x: torch.Tensor) -> bool:
+    """Whether :func:`per_neuron_outputs_sampled` serves ``x``: torch's sampled product is measured
+    here on the CPU only, and takes single and double precision only."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def per_neuron_outputs_sampled(
+    inputs: torch.Tensor, units: torch.Tensor, indices: torch.Tensor, attention: torch.Tensor
+) -> torch.Tensor:
+    """:func:`per_neuron_outputs_dense`'s values from only the ``b × q × δ`` selected dot products.
+
+    ``inputs @ units.view(q * m, n).T`` sampled where a sample selected a unit (a sparse pattern:
+    ``torch.sparse.sampled_addmm``), then blended by attention: ``δ / m`` of the dense arithmetic,
+    no gathered copy of the units, and only ``b × q × δ`` values in memory.
+
+    Args:
+        inputs: ``(b, n)`` per-sample input vectors (the bias entry included).
+        units: ``(q, m, n)``, one weight row per unit of each key set.
+        indices: ``(b, q, δ)`` selected unit indices.
+        attention: ``(b, q, δ)`` blending weights.
+
+    Returns:
+        ``(b, q)``.
+    """
+    batch, q, delta = indices.shape
+    m, n = units.shape[1:]
+    # Column indices of a sparse row must increase: sorted within each key set, whose blocks of m
+    # columns already are in order.
+    columns, order = indices.sort(dim=-1)
+    columns = columns + torch.arange(q, device=columns.device)[:, None] * m
+    row_starts = torch.arange(0, batch * q * delta + 1, q * delta, device=columns.device)
+    # Zero values: sampled_addmm scales them by beta = 0, and 0 × garbage may be NaN.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+        pattern = torch.sparse_csr_tensor(
+            row_starts,
+            columns.view(-1),
+            inputs.new_zeros(batch * q * delta),
+            size=(batch, q * m),
+            check_invariants=False,
+        )
+    with cpu_threads(inputs.device, parallel=batch * q * delta * n >= PARALLEL_MACS):
+        products = torch.sparse.sampled_addmm(pattern, inputs, units.reshape(q * m, n).T, beta=0.0)
+    products = products.values().view(batch, q, delta)
+    return (products * attention.gather(-1, order)).sum(dim=-1)
 
 
 class GradientRecycler:

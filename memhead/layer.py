@@ -3,8 +3,8 @@ key-indexed memory units (behaviour: ``shared/spec/memory-head.md``).
 
 The specification's steps live in :mod:`memhead.reference`, once. This module owns the options (the
 constructor's signature is the single source of their defaults and allowed values) and the fast
-path, which differs from the reference only in how the output and its gradient are computed
-(:mod:`memhead.blending`).
+path, which differs from the reference only in how the output and its gradient, the top-δ and
+the attention are computed (:mod:`memhead.blending`; the same values, the same top-δ on ties).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from torch import nn
 from memhead import blending, reference
 from memhead.psi import PSI_NAMES
 
+# Scores from this many floats on are kept in a buffer during evaluation (smaller tensors come back
+# from the allocator's free lists, without page faults).
+SCORE_BUFFER_MIN_FLOATS = 1 << 22
+
 
 class MemoryHeadOptionError(ValueError):
     """A Memory Head option the layer cannot accept; one line naming the argument(s).
@@ -38,6 +42,21 @@ class MemoryHeadOptionError(ValueError):
 
     def option_message(self, prefix: str) -> str:
         return self.template.format(**{key: prefix + name for key, name in self.names.items()})
+
+
+class MemoryHeadOptionWarning(UserWarning):
+    """A Memory Head option the layer adjusted (``delta`` clipped to ``key_mem_units``); one line naming
+    the argument(s), and ``option_message(prefix)`` / ``prefixed(prefix)`` as for the error."""
+
+    def __init__(self, template: str, **names: str):
+        self.template, self.names = template, names
+        super().__init__(self.option_message(""))
+
+    option_message = MemoryHeadOptionError.option_message
+
+    def prefixed(self, prefix: str) -> MemoryHeadOptionWarning:
+        """The same warning with every argument name prefixed."""
+        return type(self)(self.template, **{key: prefix + name for key, name in self.names.items()})
 
 
 class MemoryHead(nn.Module):
@@ -153,6 +172,7 @@ class MemoryHead(nn.Module):
                 name, torch.empty(shape, device=device, dtype=kind) if self.scramble else None
             )
         self.last_top_indices: torch.Tensor | None = None
+        self._score_buffer: torch.Tensor | None = None
         self._recycler = blending.GradientRecycler(self.memories)
         self.reset_parameters()
 
@@ -188,19 +208,53 @@ class MemoryHead(nn.Module):
         # One thread for the many small operations; the large products ask for the whole team.
         with blending.cpu_threads(flat.device, parallel=False):
             learning = self.training and torch.is_grad_enabled()
+            # The fast path's top-δ and attention: the same values, cheaper for many key sets.
+            steps = reference if self.impl == "reference" else blending
             z = reference.queries(self, x)
             with blending.cpu_threads(
                 flat.device, parallel=len(z) * self.keys.numel() >= blending.PARALLEL_MACS
             ):
-                top_scores, top_indices = reference.top(
-                    reference.scores(self, z, self._scoring_keys(learning)), self.delta
-                )
-            alpha = reference.attention(self, top_scores)
+                keys = self._scoring_keys(learning)
+                scores = reference.scores(self, z, keys, out=self._evaluation_buffer(z, keys))
+                top_scores, top_indices = steps.top(scores, self.delta)
+            alpha = steps.attention(self, top_scores)
             output = self._output(alpha, top_indices, flat)
             self.last_top_indices = top_indices.detach()
             if learning and self.upd_k == "ad_hoc_WTA":
                 reference.key_update(self, z, top_scores[..., 0], top_indices[..., 0])
             return output
+
+    def train(self, mode: bool = True) -> MemoryHead:
+        if mode:
+            self._score_buffer = None  # evaluation's, released when training resumes
+        return super().train(mode)
+
+    def _evaluation_buffer(self, z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+        """Where an evaluation forward's scores go, chunk after chunk (``None``: a fresh tensor).
+
+        A fresh CPU tensor of tens of MB (per-neuron keys) costs a page fault per 4 kB: about a fifth
+        of its own product. The fast path's scores are consumed by its top-δ and never escape, so in
+        ``eval()`` mode one buffer serves every chunk, until ``train()``.
+        """
+        size = len(z) * keys.shape[0] * keys.shape[1]
+        if (
+            self.impl == "reference"
+            or self.training
+            or self.distance == "euclidean"
+            or z.device.type != "cpu"
+            or size < SCORE_BUFFER_MIN_FLOATS
+            or (torch.is_grad_enabled() and (z.requires_grad or keys.requires_grad))
+        ):
+            return None
+        buffer = self._score_buffer
+        if (
+            buffer is None
+            or buffer.numel() < size
+            or buffer.dtype != z.dtype
+            or buffer.is_inference() != torch.is_inference_mode_enabled()
+        ):
+            buffer = self._score_buffer = z.new_empty(size)
+        return buffer[:size].view(len(z), -1)
 
     def _scoring_keys(self, learning: bool) -> torch.Tensor:
         if self.distance != "cosine" or self.upd_k == "ad_hoc_WTA":
@@ -357,11 +411,11 @@ def check_options(in_features: int, out_features: int, **options: Any) -> dict[s
     out["delta"] = _integer("delta", opts["delta"], 1)
     if out["delta"] > m:
         warnings.warn(
-            MemoryHeadOptionError(
-                f"{{delta}}={out['delta']} is above {{m}}={m}; using delta={m}",
+            MemoryHeadOptionWarning(
+                f"{{delta}}={out['delta']} is above {{m}}={m}; using {{delta}}={m}",
                 delta="delta",
                 m="key_mem_units",
-            ).option_message(""),
+            ),
             stacklevel=3,
         )
         out["delta"] = m

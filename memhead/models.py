@@ -7,6 +7,7 @@ exact update of running statistics instead, and has no trainable parameters.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -75,13 +76,22 @@ def check_model(cfg, in_features: int, competitor: str = "none") -> None:
 
 @contextmanager
 def layer_errors_as_config_errors():
-    """The layer names its arguments (``upd_k='foo' ...``); a run names config paths (``model.upd_k``)."""
-    from memhead.layer import MemoryHeadOptionError
+    """The layer names its arguments (``upd_k='foo' ...``); a run names config paths (``model.upd_k``),
+    in its errors and in its warnings (other warnings pass unchanged)."""
+    from memhead.layer import MemoryHeadOptionError, MemoryHeadOptionWarning
 
     try:
-        yield
-    except MemoryHeadOptionError as error:
-        raise ConfigError(error.option_message("model.")) from None
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                yield
+            except MemoryHeadOptionError as error:
+                raise ConfigError(error.option_message("model.")) from None
+    finally:
+        for warning in caught:
+            message = warning.message
+            if isinstance(message, MemoryHeadOptionWarning):
+                message = message.prefixed("model.")
+            warnings.warn_explicit(message, warning.category, warning.filename, warning.lineno)
 
 
 @MODELS.register("lp")

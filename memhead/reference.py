@@ -1,16 +1,18 @@
 """The Memory Head's steps as ``shared/spec/memory-head.md`` states them, written once with torch ops.
 
 ``MemoryHead(impl="reference")`` runs every function here. The fast path (``impl="fast"``, the
-default) runs the same query, scores, top-δ, attention and key update, and computes only the output
-(and its gradient) differently (:mod:`memhead.blending`); the tests hold it to :func:`output` here on
-every option combination, and both replay the paper code's reference traces.
+default) runs the same query, scores and key update, and computes the output (and its gradient)
+differently, the top-δ and attention by cheaper means with the same values (:mod:`memhead.blending`);
+the tests hold it to the functions here on every option combination, and both replay the paper
+code's reference traces.
 
 ``head`` is a :class:`memhead.layer.MemoryHead`: its options, and for :func:`key_update` its state.
 Shapes: ``b`` samples, ``q`` key sets, ``m`` keys per set, ``d`` key size, ``u`` unit size, ``δ``.
 
 Tie rule: where scores are exactly equal, the top-δ are what ``torch.topk`` returns on the scores
 computed as the paper's code computes them (euclidean: ``torch.cdist(z, K).pow(2)``, then the scaled
-``exp(-·)``); every path shares :func:`scores` and :func:`top`, so every path picks the same keys.
+``exp(-·)``); every path shares :func:`scores`, and the fast path's top-δ hands every row with
+equal scores among its best to :func:`top`, so every path picks the same keys.
 """
 
 from __future__ import annotations
@@ -34,15 +36,17 @@ def queries(head, x: torch.Tensor) -> torch.Tensor:
     return F.normalize(z, dim=-1) if head.distance == "cosine" else z
 
 
-def scores(head, z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Step 2: scores ``(b, q, m)`` of queries ``(b, d)`` against keys ``(q, m, d)``."""
+def scores(head, z: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 2: scores ``(b, q, m)`` of queries ``(b, d)`` against keys ``(q, m, d)`` (cosine and
+    dot_scaled: written into ``out`` ``(b, q * m)`` if given)."""
     q, d = keys.shape[0], keys.shape[-1]
     if head.distance == "euclidean":
         # The paper's formula (cdist takes its matmul expansion for large sizes): no (b, m, d) tensor.
         squared = torch.cdist(z.expand(q, *z.shape), keys).pow(2).transpose(0, 1)
         return torch.exp(-squared / (math.sqrt(d) * head.sigma_eu))
-    # The paper's z @ K.T, with every key set's keys as columns of one product.
-    return (z @ keys.reshape(-1, d).T).view(len(z), q, -1) / math.sqrt(d)
+    # The paper's z @ K.T, with every key set's keys as columns of one product (scaled in place: the
+    # same values without a second (b, q, m) tensor).
+    return torch.mm(z, keys.reshape(-1, d).T, out=out).div_(math.sqrt(d)).view(len(z), q, -1)
 
 
 def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

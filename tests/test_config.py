@@ -99,3 +99,17 @@ def test_sweep_group_ignores_seed_and_reporting_options():
         ["seed=3", "model=mlp", "plots.enabled=true", "logger=wandb", "benchmark.order=CI"]
     ) == ("benchmark.order=CI,model=mlp")
     assert sweep_group(["seed=1"]) is None
+
+
+def test_a_clipped_delta_is_named_by_its_config_path():
+    """The layer says ``delta=7 is above key_mem_units=3``; a run's checks and its model builder say
+    it with the config paths, as they do for errors."""
+    from memhead.models import MODELS, check_model
+
+    cfg = compose_config(["model.key_mem_units=3", "model.delta=7"])
+    with pytest.warns(UserWarning) as record:
+        check_model(cfg.model, 2)
+        head = MODELS.get("mh")(cfg.model, 2, 4)
+    expected = "model.delta=7 is above model.key_mem_units=3; using model.delta=3"
+    assert [str(warning.message) for warning in record] == [expected, expected]
+    assert head.delta == 3

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memhead import blending, reference
+from memhead import blending, layer, reference
 from memhead.layer import MemoryHead
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,10 +72,19 @@ def strategy(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["topk", "maxima"])
+def top_rule(request, monkeypatch):
+    """Force the fast path's top-δ search: torch.topk, or max passes (with topk for tied rows) on
+    however few rows."""
+    maxima = request.param == "maxima"
+    monkeypatch.setattr(blending, "prefer_maxima", lambda rows, m, delta, device: maxima and delta <= m)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_evaluation_equals_the_reference(config, batch, dtype, strategy):
+def test_evaluation_equals_the_reference(config, batch, dtype, strategy, top_rule):
     head = make_head(dtype, **config).eval()
     x = torch.randn(batch, IN, dtype=dtype)
     with torch.no_grad():
@@ -114,7 +123,7 @@ def test_training_step_equals_the_reference(config, batch, dtype):
 
 @pytest.mark.parametrize("shared_keys", [True, False])
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "dot_scaled"])
-def test_a_scrambling_stream_equals_the_reference(distance, shared_keys):
+def test_a_scrambling_stream_equals_the_reference(distance, shared_keys, top_rule):
     """Many steps of batches 1 and 3 with scrambling and Adam: the same winners and state throughout."""
     options = {"distance": distance, "shared_keys": shared_keys, "scramble": True, "tau_eta": 3, "tau_mu": 2}
     options["tau_alpha"] = 0.9 if distance == "euclidean" else 0.5
@@ -158,7 +167,7 @@ def papers_top_indices(head: MemoryHead, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("shared_keys", [True, False])
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
-def test_exact_ties_pick_what_topk_picks_on_the_papers_scores(distance, shared_keys, impl):
+def test_exact_ties_pick_what_topk_picks_on_the_papers_scores(distance, shared_keys, impl, top_rule):
     """Sign queries against keys drawn from a few sign patterns: whole groups of keys score exactly
     alike, in training (batches of 1 and 40, scrambling) and in evaluation."""
     torch.manual_seed(0)
@@ -186,6 +195,70 @@ def test_exact_ties_pick_what_topk_picks_on_the_papers_scores(distance, shared_k
         head(stream[140:])
     assert torch.equal(head.last_top_indices, expected)
     assert not_lowest_index > 0  # ties that "lowest index first" would have broken otherwise
+
+
+@pytest.mark.parametrize(
+    ("psi", "key_size", "shape"),
+    [("identity", None, (40, IN)), ("sign", None, (40, IN)), ("resize1d", 3, (40, IN)),
+     ("resize2d", 4, (40, 1, 2, 3))],
+)  # fmt: skip
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "dot_scaled"])
+def test_per_neuron_evaluation_on_every_psi(distance, psi, key_size, shape, top_rule, monkeypatch):
+    """Per-neuron keys through the fast path (its top-δ rule, score buffer, sampled products) on every
+    query map, keys drawn from a few patterns so that scores tie: the reference's outputs, and the
+    paper's topk choice where its score formula is at hand (identity and sign queries)."""
+    monkeypatch.setattr(layer, "SCORE_BUFFER_MIN_FLOATS", 0)
+    options = {"distance": distance, "psi": psi, "key_size": key_size, "key_mem_units": 12, "delta": 3}
+    head = make_head(shared_keys=False, **options).eval()
+    torch.manual_seed(4)
+    patterns = torch.sign(torch.randn(3, head.key_size))
+    with torch.no_grad():
+        head.keys.copy_(patterns[torch.randint(0, 3, head.keys.shape[:2])])
+        if distance == "cosine":
+            head.keys.copy_(F.normalize(head.keys, dim=-1))
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected, indices = reference_forward(head, x)
+    with torch.inference_mode():
+        output = head(x)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(head.last_top_indices, indices)
+    if psi in ("identity", "sign"):
+        assert torch.equal(head.last_top_indices, papers_top_indices(head, x.view(len(x), -1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("m", "delta"), [(2, 2), (3, 2), (5, 3), (12, 4), (100, 2)])
+def test_top_by_maxima_returns_what_topk_returns(m, delta, dtype, monkeypatch):
+    """Scores from a few values (ties everywhere), with NaN and -inf: the same values and indices as
+    torch.topk, row by row, and also for δ = m (no score left to compare the δ-th with)."""
+    monkeypatch.setattr(blending, "MAXIMA_MIN_ROWS", 1)
+    assert blending.prefer_maxima(900, m, delta, torch.device("cpu"))
+    torch.manual_seed(m * delta)
+    inf, nan = float("inf"), float("nan")
+    crafted = [[5, -inf], [-inf, -inf], [nan, 1], [1, nan], [2, 2], [3, 1], [1, 3], [-inf, 4], [nan, nan]]
+    for trial in range(10):
+        scores = torch.randint(-3, 3, (300, 3, m)).to(dtype)
+        scores[scores == -3] = -inf
+        scores[torch.rand_like(scores) < 0.02] = nan
+        if trial == 0 and m == 2:
+            scores[: len(crafted), 0] = torch.tensor(crafted, dtype=dtype)
+        if trial == 1:
+            scores = torch.randn(300, 3, m, dtype=dtype)  # no ties: the max passes alone
+        expected = scores.topk(delta, dim=-1)
+        values, indices = blending.top(scores.clone(), delta)
+        assert torch.equal(indices, expected.indices)
+        torch.testing.assert_close(values, expected.values, rtol=0, atol=0, equal_nan=True)
+
+
+def test_top_by_maxima_is_chosen_where_it_pays():
+    cpu = torch.device("cpu")
+    # The NS-ImageNet per-neuron head's chunk: 1000 samples x 100 key sets of m = 100, δ = 2.
+    assert blending.prefer_maxima(1000 * 100, 100, 2, cpu)
+    assert not blending.prefer_maxima(1000 * 100, 100, 1, cpu)  # topk's δ = 1 is one max pass itself
+    assert not blending.prefer_maxima(1000 * 100, 1000, 2, cpu)  # topk's partial sort is cheaper
+    assert not blending.prefer_maxima(100, 100, 2, cpu)  # an online step: one call beats several
+    assert not blending.prefer_maxima(1000 * 100, 100, 2, torch.device("cuda"))
 
 
 # --- autograd sees the key update's in-place changes -----------------------------------------------
@@ -285,6 +358,58 @@ def test_per_neuron_evaluation_in_slices(monkeypatch):
         torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("distance", ["cosine", "dot_scaled"])
+def test_evaluation_chunks_share_one_score_buffer(distance, monkeypatch):
+    """Chunks of changing sizes, under inference mode and no_grad, score into one buffer (as large as
+    the largest chunk so far) with the reference's results; train() releases it."""
+    monkeypatch.setattr(layer, "SCORE_BUFFER_MIN_FLOATS", 0)
+    head = make_head(shared_keys=False, distance=distance).eval()
+    pointers = []
+    for size, context in [(7, torch.inference_mode), (7, torch.inference_mode), (3, torch.inference_mode),
+                          (5, torch.no_grad), (11, torch.no_grad), (4, torch.no_grad)]:  # fmt: skip
+        x = torch.randn(size, IN)
+        with torch.no_grad():
+            expected, indices = reference_forward(head, x)
+        with context():
+            output = head(x)
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-4)
+        assert torch.equal(head.last_top_indices, indices)
+        pointers.append(head._score_buffer.data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2]  # the first size is the largest until 11
+    assert pointers[3] != pointers[2] and pointers[4] != pointers[3] and pointers[5] == pointers[4]
+    head.train()
+    assert head._score_buffer is None
+    head(torch.randn(3, IN)).sum().backward()  # training scores by autograd, without the buffer
+    assert head._score_buffer is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_per_neuron_evaluation_without_the_sampled_product(distance, bias, monkeypatch):
+    """The embedding-bag blend that serves other devices and dtypes, on the CPU."""
+    head = make_head(torch.float64, shared_keys=False, distance=distance, bias=bias).eval()
+    x = torch.randn(11, IN, dtype=torch.float64)
+    with torch.no_grad():
+        expected, _ = reference_forward(head, x)
+        monkeypatch.setattr(blending, "prefer_dense", lambda *args, **kwargs: False)
+        monkeypatch.setattr(blending, "sampled_products_apply", lambda x: False)
+        torch.testing.assert_close(head(x), expected, **tolerance(torch.float64))
+
+
+def test_sampled_products_equal_the_blend_of_weights():
+    """Every (sample, key set) selecting units in an order that is not sorted: the sparse pattern
+    sorts them, the attention follows."""
+    torch.manual_seed(2)
+    units = torch.randn(4, 7, 5, dtype=torch.float64)
+    inputs = torch.randn(9, 5, dtype=torch.float64)
+    indices = torch.stack([torch.randperm(7)[:3] for _ in range(9 * 4)]).view(9, 4, 3)
+    attention = torch.softmax(torch.randn(9, 4, 3, dtype=torch.float64), dim=-1)
+    chosen = units[torch.arange(4)[None, :, None], indices]  # (b, q, δ, n)
+    expected = torch.einsum("bqk,bqkn,bn->bq", attention, chosen, inputs)
+    sampled = blending.per_neuron_outputs_sampled(inputs, units, indices, attention)
+    torch.testing.assert_close(sampled, expected)
+
+
 @pytest.mark.parametrize("shared_keys", [True, False])
 def test_dense_strategy_in_slices(shared_keys, monkeypatch):
     head = make_head(shared_keys=shared_keys).eval()
@@ -333,6 +458,9 @@ def test_cost_model_picks_grouping_for_large_heads_and_dense_for_small_ones():
     assert not blending.prefer_dense(1000, 100, 2, 100 * 513, cpu)
     # The paper's 2-D head: 10 units of 2 x 3 weights.
     assert blending.prefer_dense(1000, 10, 2, 2 * 3, cpu)
+    # Per-neuron keys at NS-ImageNet's shape: the sampled products; with few units, all of them.
+    assert not blending.prefer_dense(1000, 100, 2, 100 * 513, cpu, "sampled")
+    assert blending.prefer_dense(1000, 10, 2, 100 * 513, cpu, "sampled")
 
 
 # --- the memory gradient's storage, reused from step to step ----------------------------------------
