@@ -12,8 +12,9 @@ needs ``b × δ × out`` floats where blending the weights needs ``b × δ × u`
   units), or only the selected (sample, unit) dot products (:func:`per_neuron_outputs_sampled`, a
   sampled sparse product; CPU), or the selected rows blended by one embedding-bag call per slice of
   the batch (layer norm, other devices).
-* Top-δ and attention (:func:`top`, :func:`attention`): the reference's exact values, ties included,
-  by cheaper means for the ``b × q`` rows of per-neuron keys.
+* Top-δ (:func:`top`): the reference's exact values and picks, ties included, by cheaper means for
+  the ``b × q`` rows of per-neuron keys. (Attention stays the reference's softmax: a softmax along a
+  leading dimension is ~10x cheaper there, but rounds differently.)
 * Training: :class:`SelectedUnits`, an autograd function with the gradients of blending the weights,
   whose memory gradient reuses the previous step's tensor (:class:`GradientRecycler`). (With layer
   norm the gains multiply the weights; training then blends weights, :func:`memhead.reference.output`.)
@@ -173,13 +174,6 @@ def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
         values[tied], indices[tied] = reference.top(rows, delta)
     shape = (*scores.shape[:-1], delta)
     return values.view(shape), indices.view(shape)
-
-
-def attention(head, top_scores: torch.Tensor) -> torch.Tensor:
-    """:func:`memhead.reference.attention`'s values, the softmax taken along a leading dimension:
-    along a last dimension of δ it costs about 15 times more (per row overhead)."""
-    leading = torch.softmax(head.gamma_alpha * top_scores.movedim(-1, 0).contiguous(), dim=0)
-    return leading.movedim(0, -1).contiguous()
 
 
 def evaluate(head, alpha: torch.Tensor, top_indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

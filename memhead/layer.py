@@ -3,8 +3,8 @@ key-indexed memory units (behaviour: ``shared/spec/memory-head.md``).
 
 The specification's steps live in :mod:`memhead.reference`, once. This module owns the options (the
 constructor's signature is the single source of their defaults and allowed values) and the fast
-path, which differs from the reference only in how the output and its gradient, the top-δ and
-the attention are computed (:mod:`memhead.blending`; the same values, the same top-δ on ties).
+path, which differs from the reference only in how the output and its gradient and the top-δ are
+computed (:mod:`memhead.blending`; the same values, the same top-δ on ties).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ class MemoryHead(nn.Module):
         # One thread for the many small operations; the large products ask for the whole team.
         with blending.cpu_threads(flat.device, parallel=False):
             learning = self.training and torch.is_grad_enabled()
-            # The fast path's top-δ and attention: the same values, cheaper for many key sets.
+            # The fast path's top-δ: the same picks, cheaper for many key sets.
             steps = reference if self.impl == "reference" else blending
             z = reference.queries(self, x)
             with blending.cpu_threads(
@@ -217,7 +217,9 @@ class MemoryHead(nn.Module):
                 keys = self._scoring_keys(learning)
                 scores = reference.scores(self, z, keys, out=self._evaluation_buffer(z, keys))
                 top_scores, top_indices = steps.top(scores, self.delta)
-            alpha = steps.attention(self, top_scores)
+            # The reference's softmax, on every path: a softmax along a leading dimension is cheaper for
+            # many rows but rounds otherwise, and populations and traces need the same bits.
+            alpha = reference.attention(self, top_scores)
             output = self._output(alpha, top_indices, flat)
             self.last_top_indices = top_indices.detach()
             if learning and self.upd_k == "ad_hoc_WTA":
