@@ -1,10 +1,11 @@
 """``hydra/launcher=population``: the sweep's jobs grouped into populations (``memhead.population``).
 
-Each job's config is composed as Hydra's basic launcher composes it, and its directory gets the same
-``.hydra/`` files (through :func:`hydra.core.utils.run_job`, with a task function that only collects
-the job). Jobs whose configs are equal except for member options form a group; each group trains as
-one population (split into populations of at most ``max_members``); a group that populations cannot
-train runs its jobs one by one through the sweep's own task function.
+Each job's config is Hydra's (composed once per shape, the rest derived: ``compose.py``) and its
+directory gets the basic launcher's ``.hydra/`` files (:func:`write_job_dir`). Jobs whose configs are
+equal except for member options form a group; each group trains as one population (split into
+populations of at most ``max_members``); a group that populations cannot train runs its jobs one by
+one through the sweep's own task function. ``executor`` says where: this process (``inline``), or one
+submitit job per group (``local``, ``slurm``: ``executors.py``).
 """
 
 import contextlib
