@@ -19,8 +19,6 @@ from hydra.core.utils import run_job, setup_globals
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-log = logging.getLogger(__name__)
-
 # Options of the submitit launcher configs that are not the executor's parameters.
 NOT_PARAMETERS = {"_target_", "submitit_folder", "max_num_timeout"}
 

@@ -47,9 +47,8 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def single_steps(learner: runner.Learner, x: torch.Tensor, y: torch.Tensor) -> Callable[[int], None]:
-    """``run(n)``: ``n`` one-sample steps of the run alone along ``x``, as ``run_protocol``'s loop body."""
-    model, optimizer, loss_fn = learner.model, learner.optimizer, learner.loss_fn
+def _walk(model, step: Callable[[torch.Tensor, torch.Tensor], None], x, y) -> Callable[[int], None]:
+    """``run(n)``: ``n`` calls of ``step`` on one sample each, walking round the stream ``x, y``."""
     position = [0]
 
     def run(n: int) -> None:
@@ -57,26 +56,27 @@ def single_steps(learner: runner.Learner, x: torch.Tensor, y: torch.Tensor) -> C
         for _ in range(n):
             i = position[0]
             position[0] = (i + 1) % len(x)
-            loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(x[i : i + 1], y[i : i + 1])
 
     return run
+
+
+def single_steps(learner: runner.Learner, x: torch.Tensor, y: torch.Tensor) -> Callable[[int], None]:
+    """``run(n)``: ``n`` one-sample steps of the run alone along ``x``, as ``run_protocol``'s loop body."""
+    model, optimizer, loss_fn = learner.model, learner.optimizer, learner.loss_fn
+
+    def step(xi: torch.Tensor, yi: torch.Tensor) -> None:
+        loss = loss_fn(model(xi), yi)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return _walk(model, step, x, y)
 
 
 def population_steps(model, optimizer, loss_name: str, size: int, x, y) -> Callable[[int], None]:
     """``run(n)``: ``n`` one-sample steps of the population along ``x``: its loop's own step."""
-    position = [0]
-
-    def run(n: int) -> None:
-        model.train()
-        for _ in range(n):
-            i = position[0]
-            position[0] = (i + 1) % len(x)
-            population_step(model, optimizer, None, x[i : i + 1], y[i : i + 1], loss_name, size)
-
-    return run
+    return _walk(model, lambda xi, yi: population_step(model, optimizer, None, xi, yi, loss_name, size), x, y)
 
 
 def build_population(cfg, size: int, stream, device: torch.device):
