@@ -201,10 +201,8 @@ def _train(plans: list, t_start: float, models_out: list | None) -> list[dict]:
     threads = resolve_threads(first.threads, first.stream.batch_size, stream.in_features)
     if threads is not None:
         torch.set_num_threads(threads)
-    members = _build_members(plans, stream, device)
-    k = first.competitor.members if first.competitor.name == "ensemble" else 1
-    for member in members:
-        member.rows = slice(member.index * k, (member.index + 1) * k)
+    k = first.competitor.members if first.competitor.name == "ensemble" else 1  # rows per member
+    members = _build_members(plans, stream, device, k)
     size = len(members)
     cfgs = [plan.cfg for plan in plans]
     initial_keys = None
@@ -247,22 +245,15 @@ def _train(plans: list, t_start: float, models_out: list | None) -> list[dict]:
     return records
 
 
-def _build_members(plans: list, stream, device) -> list[Member]:
+def _build_members(plans: list, stream, device, k: int) -> list[Member]:
     """Each run's learner, built exactly as the run alone builds it (after its own seeding)."""
     members = []
     for index, plan in enumerate(plans):
         generator = runner.seed_everything(plan.seed)
         learner = runner.build_learner(plan.cfg, stream, device, generator)
-        members.append(
-            Member(
-                index,
-                slice(index, index + 1),
-                plan,
-                learner,
-                member_generator(device),
-                ProtocolState.start(stream),
-            )
-        )
+        rows = slice(index * k, (index + 1) * k)
+        memories = member_generator(device)
+        members.append(Member(index, rows, plan, learner, memories, ProtocolState.start(stream)))
     return members
 
 
