@@ -9,7 +9,8 @@ step, the next online step...; medians), so that caches, thread state and machin
   body of :mod:`memhead.protocol`), target at most ``STEP_TARGET`` times the floor;
 * evaluation of a ``CHUNK``-sample chunk, target at most ``EVAL_TARGET`` times a plain
   ``nn.Linear(512, 100)`` on the same chunk, with the peak memory of one chunk; the same head with
-  ``distance=euclidean`` (same target) and with per-neuron keys (``PER_NEURON_TARGET``);
+  ``distance=euclidean`` (same target) and with per-neuron keys, cosine and euclidean
+  (``PER_NEURON_TARGET``);
 * the reference implementation's online step and evaluation (``impl="reference"``; no target: its
   cost made visible);
 * a whole NS-ImageNet-shaped stream through :func:`memhead.runner.run` (needs Hydra), target under
@@ -53,6 +54,7 @@ PER_NEURON_TARGET, EUCLIDEAN_STREAM_TARGET = 20.0, 2.0
 VARIANTS = {
     "euclidean": {"distance": "euclidean"},
     "per_neuron": {"shared_keys": False},
+    "per_neuron_euclidean": {"shared_keys": False, "distance": "euclidean"},
     "reference": {"impl": "reference"},
 }
 # NS-ImageNet's shape: 100 classes x 3 perturbations; samples per distribution; val keeps the first
@@ -392,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     line(f"nn.Linear eval, chunk {CHUNK}", per_unit["linear"], "1.00")
     line(f"Memory Head eval, chunk {CHUNK}", per_unit["head"], f"{eval_ratio:.2f}", f"<={EVAL_TARGET:g}",
          eval_ratio <= EVAL_TARGET, peaks["eval"])  # fmt: skip
-    targets = {"euclidean": EVAL_TARGET, "per_neuron": PER_NEURON_TARGET, "reference": None}
+    targets = {
+        "euclidean": EVAL_TARGET, "per_neuron": PER_NEURON_TARGET, "per_neuron_euclidean": PER_NEURON_TARGET,
+        "reference": None,
+    }  # fmt: skip
     for variant, target in targets.items():
         ratio = per_unit[variant] / per_unit["linear"]
         ok = None if target is None else ratio <= target
