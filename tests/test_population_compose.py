@@ -15,14 +15,17 @@ SWEEPS = ["mh_modes", "heads_modes", "competitors_modes", "mh_ns_imagenet", "smo
 
 
 def sweep_jobs(loader, master, limit: int) -> list[list[str]]:
-    """The first ``limit`` jobs of the sweep in ``master``, in the basic sweeper's order."""
+    """``limit`` jobs of the sweep in ``master``, in the basic sweeper's order: the first half, then
+    jobs spread over the rest (so that every swept option, the outermost too, changes)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     params = [f"{k}={v}" for k, v in master.hydra.sweeper.params.items()]
     params += list(master.hydra.overrides.task)
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(params)
     (batch,) = BasicSweeper.split_arguments(parsed, None)
-    return [list(job) for job in batch[:limit]]
+    head, rest = batch[: limit // 2], batch[limit // 2 :]
+    spread = rest[:: max(1, len(rest) // (limit - len(head)))][: limit - len(head)]
+    return [list(job) for job in head + spread]
 
 
 def _flags(cfg) -> list:
@@ -71,6 +74,8 @@ def test_derived_configs_equal_hydras(loader, sweep, extra):
             tasks.append(OmegaConf.to_yaml(cfg, resolve=True))
         assert tasks[0] == tasks[1], job
     assert composer.derived > 0  # the check covered derived configs, not only composed ones
+    orders = {OmegaConf.select(loader.load_sweep_config(master, job), "benchmark.order") for job in jobs}
+    assert len(orders) > 1 or sweep in ("mh_ns_imagenet", "smoke")  # a swept option outside the members
     assert composer.composed + composer.derived == len(jobs)
 
 
@@ -89,6 +94,37 @@ def test_shapes_and_non_member_overrides_compose_through_hydra(loader):
         ours = composer.load_sweep_config(master, job)
         assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(loader.load_sweep_config(master, job))
     assert (composer.composed, composer.derived) == (4, 2)
+
+
+def test_values_derive_but_adds_and_deletes_compose(loader):
+    """A plain option derives from its shape's template; a job that also adds or deletes a task option
+    composes through Hydra (a value set before a delete must stay deleted, one after an add depends
+    on it)."""
+    master = loader.load_configuration("config", ["hydra/launcher=population"], run_mode=RunMode.MULTIRUN)
+    composer = MemberComposer(loader)
+    jobs = [
+        ["benchmark.order=CI", "model=mlp", "model.hidden=7"],
+        ["benchmark.order=CDID", "model=mlp", "model.hidden=9"],  # derived
+        ["+extra=1", "model=mlp"],
+        ["+extra=2", "model=mlp"],  # another shape
+        ["+extra=1", "extra=5"],
+        ["+extra=1", "extra=6"],  # composed: the value may depend on the add before it
+    ]
+    for job in jobs:
+        ours = composer.load_sweep_config(master, job)
+        assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(loader.load_sweep_config(master, job)), job
+    assert (composer.composed, composer.derived) == (5, 1)
+
+
+def test_a_value_its_template_refuses_fails_through_hydra(loader):
+    from hydra.errors import ConfigCompositionException
+
+    master = loader.load_configuration("config", ["hydra/launcher=population"], run_mode=RunMode.MULTIRUN)
+    composer = MemberComposer(loader)
+    composer.load_sweep_config(master, ["model=mlp", "model.hidden=3"])
+    with pytest.raises(ConfigCompositionException, match="model.hidden=many"):
+        composer.load_sweep_config(master, ["model=mlp", "model.hidden=many"])
+    assert (composer.composed, composer.derived) == (1, 0)
 
 
 def test_a_job_hydra_refuses_is_refused_the_same(loader):
