@@ -21,6 +21,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from hydra_plugins.memhead_population.job_yaml import to_yaml
 from memhead.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def write_job_dir(config: DictConfig) -> JobReturn:
         for name, node in (("config.yaml", ret.cfg), ("hydra.yaml", ret.hydra_cfg),
                            ("overrides.yaml", ret.hydra_cfg.hydra.overrides.task)):  # fmt: skip
             with open(os.path.join(hydra_output, name), "w", encoding="utf-8") as file:
-                file.write(OmegaConf.to_yaml(node))
+                file.write(to_yaml(node))
     return ret
 
 
