@@ -151,9 +151,10 @@ def scores(head, z: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None =
     matmul expansion (``‖z‖² - 2 z·k + ‖k‖²`` as one product of ``[-2z, ‖z‖², 1]`` and
     ``[k, 1, ‖k‖²]``) then writes the query terms once per key set: 200 MB per 1000-sample chunk at
     the NS-ImageNet shape, three quarters of the evaluation. Here they are formed once and broadcast
-    into the same batched product, clamp and root: the same operations on the same values, so the same
-    bits (tests compare with ``torch.equal`` on both sides of cdist's switch). Only without autograd
-    (cdist's gradient is its own) and where cdist takes the expansion.
+    into the same batched product, whose result goes straight into ``(b, q, m)`` order (``out``'s
+    storage if given), where clamp, root, square, scale and exp follow in place: the same operations
+    on the same values, so the same bits (tests compare with ``torch.equal`` on both sides of cdist's
+    switch). Only without autograd (cdist's gradient is its own) and where cdist takes the expansion.
     """
     q, b, m = keys.shape[0], len(z), keys.shape[1]
     if (
@@ -167,8 +168,11 @@ def scores(head, z: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None =
     z_terms = torch.cat([z.mul(-2), z_norms, torch.ones_like(z_norms)], -1)
     key_norms = keys.pow(2).sum(-1, keepdim=True)
     key_terms = torch.cat([keys, torch.ones_like(key_norms), key_norms], -1)
-    distances = torch.bmm(z_terms.expand(q, *z_terms.shape), key_terms.mT).clamp_min_(0).sqrt_()
-    return reference.euclidean_similarity(head, distances)
+    result = z.new_empty(b, q, m) if out is None else out.view(b, q, m)
+    torch.bmm(z_terms.expand(q, *z_terms.shape), key_terms.mT, out=result.transpose(0, 1))
+    # -s / c as s / -c: division rounds alike for either sign.
+    scale = -(math.sqrt(head.key_size) * head.sigma_eu)
+    return result.clamp_min_(0).sqrt_().pow_(2).div_(scale).exp_()
 
 
 def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -242,7 +242,6 @@ class MemoryHead(nn.Module):
         if (
             self.impl == "reference"
             or self.training
-            or self.distance == "euclidean"
             or z.device.type != "cpu"
             or size < SCORE_BUFFER_MIN_FLOATS
             or (torch.is_grad_enabled() and (z.requires_grad or keys.requires_grad))

@@ -634,8 +634,12 @@ def test_per_neuron_euclidean_scores_are_the_references_bits(b, q, m, d, dtype):
     z, keys = torch.randn(b, d, dtype=dtype), torch.randn(q, m, d, dtype=dtype)
     keys[0, 1] = z[0]  # a zero distance: the expansion's clamp
     with torch.no_grad():
-        fast, expected = blending.scores(head, z, keys), reference.scores(head, z, keys)
-    assert fast.shape == (b, q, m) and torch.equal(fast, expected)
+        expected = reference.scores(head, z, keys)
+        fast, into_buffer = (
+            blending.scores(head, z, keys),
+            blending.scores(head, z, keys, out=torch.empty(b, q * m, dtype=dtype)),
+        )
+    assert fast.shape == (b, q, m) and torch.equal(fast, expected) and torch.equal(into_buffer, expected)
 
 
 def test_per_neuron_euclidean_evaluation_equals_the_reference():
