@@ -12,8 +12,6 @@ needs ``b × δ × out`` floats where blending the weights needs ``b × δ × u`
   units), or only the selected (sample, unit) dot products (:func:`per_neuron_outputs_sampled`, a
   sampled sparse product; CPU), or the selected rows blended by one embedding-bag call per slice of
   the batch (layer norm, other devices).
-* Scores (:func:`scores`): the reference's, with per-neuron euclidean evaluation's query terms formed
-  once instead of once per key set.
 * Top-δ (:func:`top`): the reference's exact values and picks, ties included, by cheaper means for
   the ``b × q`` rows of per-neuron keys. (Attention stays the reference's softmax: a softmax along a
   leading dimension is ~10x cheaper there, but rounds differently.)
@@ -137,42 +135,6 @@ def prefer_maxima(rows: int, m: int, delta: int, device: torch.device) -> bool:
     with ties.
     """
     return device.type == "cpu" and delta in MAXIMA_DELTAS and m < 64 * delta and rows >= MAXIMA_MIN_ROWS
-
-
-# Rows (queries or keys) above which torch.cdist computes euclidean distances by its matmul expansion.
-CDIST_MM_ROWS = 25
-
-
-def scores(head, z: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`memhead.reference.scores`, exactly; per-neuron euclidean evaluation without ``q`` copies
-    of the queries.
-
-    The reference hands ``torch.cdist`` the queries expanded to every key set, ``(q, b, d)``, and cdist's
-    matmul expansion (``‖z‖² - 2 z·k + ‖k‖²`` as one product of ``[-2z, ‖z‖², 1]`` and
-    ``[k, 1, ‖k‖²]``) then writes the query terms once per key set: 200 MB per 1000-sample chunk at
-    the NS-ImageNet shape, three quarters of the evaluation. Here they are formed once and broadcast
-    into the same batched product, whose result goes straight into ``(b, q, m)`` order (``out``'s
-    storage if given), where clamp, root, square, scale and exp follow in place: the same operations
-    on the same values, so the same bits (tests compare with ``torch.equal`` on both sides of cdist's
-    switch). Only without autograd (cdist's gradient is its own) and where cdist takes the expansion.
-    """
-    q, b, m = keys.shape[0], len(z), keys.shape[1]
-    if (
-        head.distance != "euclidean"
-        or q == 1
-        or max(b, m) <= CDIST_MM_ROWS
-        or (torch.is_grad_enabled() and (z.requires_grad or keys.requires_grad))
-    ):
-        return reference.scores(head, z, keys, out=out)
-    z_norms = z.pow(2).sum(-1, keepdim=True)
-    z_terms = torch.cat([z.mul(-2), z_norms, torch.ones_like(z_norms)], -1)
-    key_norms = keys.pow(2).sum(-1, keepdim=True)
-    key_terms = torch.cat([keys, torch.ones_like(key_norms), key_norms], -1)
-    result = z.new_empty(b, q, m) if out is None else out.view(b, q, m)
-    torch.bmm(z_terms.expand(q, *z_terms.shape), key_terms.mT, out=result.transpose(0, 1))
-    # -s / c as s / -c: division rounds alike for either sign.
-    scale = -(math.sqrt(head.key_size) * head.sigma_eu)
-    return result.clamp_min_(0).sqrt_().pow_(2).div_(scale).exp_()
 
 
 def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -208,14 +208,14 @@ class MemoryHead(nn.Module):
         # One thread for the many small operations; the large products ask for the whole team.
         with blending.cpu_threads(flat.device, parallel=False):
             learning = self.training and torch.is_grad_enabled()
-            # The fast path's scores and top-δ: the same values and picks, cheaper for many key sets.
+            # The fast path's top-δ: the same picks, cheaper for many key sets.
             steps = reference if self.impl == "reference" else blending
             z = reference.queries(self, x)
             with blending.cpu_threads(
                 flat.device, parallel=len(z) * self.keys.numel() >= blending.PARALLEL_MACS
             ):
                 keys = self._scoring_keys(learning)
-                scores = steps.scores(self, z, keys, out=self._evaluation_buffer(z, keys))
+                scores = reference.scores(self, z, keys, out=self._evaluation_buffer(z, keys))
                 top_scores, top_indices = steps.top(scores, self.delta)
             # The reference's softmax, on every path: a softmax along a leading dimension is cheaper for
             # many rows but rounds otherwise, and populations and traces need the same bits.
@@ -242,6 +242,7 @@ class MemoryHead(nn.Module):
         if (
             self.impl == "reference"
             or self.training
+            or self.distance == "euclidean"
             or z.device.type != "cpu"
             or size < SCORE_BUFFER_MIN_FLOATS
             or (torch.is_grad_enabled() and (z.requires_grad or keys.requires_grad))

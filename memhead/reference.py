@@ -42,16 +42,11 @@ def scores(head, z: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None =
     q, d = keys.shape[0], keys.shape[-1]
     if head.distance == "euclidean":
         # The paper's formula (cdist takes its matmul expansion for large sizes): no (b, m, d) tensor.
-        return euclidean_similarity(head, torch.cdist(z.expand(q, *z.shape), keys))
+        squared = torch.cdist(z.expand(q, *z.shape), keys).pow(2).transpose(0, 1)
+        return torch.exp(-squared / (math.sqrt(d) * head.sigma_eu))
     # The paper's z @ K.T, with every key set's keys as columns of one product (scaled in place: the
     # same values without a second (b, q, m) tensor).
     return torch.mm(z, keys.reshape(-1, d).T, out=out).div_(math.sqrt(d)).view(len(z), q, -1)
-
-
-def euclidean_similarity(head, distances: torch.Tensor) -> torch.Tensor:
-    """Euclidean scores ``(b, q, m)`` from distances ``(q, b, m)``: ``exp(-‖z - k‖² / (√d σ_eu))``."""
-    squared = distances.pow(2).transpose(0, 1)
-    return torch.exp(-squared / (math.sqrt(head.key_size) * head.sigma_eu))
 
 
 def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

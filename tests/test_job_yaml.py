@@ -19,7 +19,8 @@ ALPHABET = list("abcXYZ019   _-.:#'\"{}[],&*!|>%@`?\\/=+~\n\t") + ["é", "中", 
 def random_value(rng: random.Random, depth: int = 0):
     def text() -> str:
         chars = ALPHABET if rng.random() < 0.3 else ALPHABET[:-8]  # mostly ASCII, as configs are
-        return "".join(rng.choice(chars) for _ in range(rng.choice([0, 1, 2, 5, 20, 79, 81, 120, 300])))
+        length = rng.choice([0, 1, 2, 5, 20, 79, 81, 120, 122, 123, 124, 127, 128, 129, 300])
+        return "".join(rng.choice(chars) for _ in range(length))
 
     r = rng.random()
     if r < 0.4 or depth == 3:
@@ -30,7 +31,7 @@ def random_value(rng: random.Random, depth: int = 0):
         )
     if r < 0.7:
         return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
-    return {text() or "k": random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+    return {text(): random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
 
 
 @pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML without libyaml: OmegaConf.to_yaml itself")

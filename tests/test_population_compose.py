@@ -109,11 +109,13 @@ def test_values_derive_but_adds_and_deletes_compose(loader):
         ["+extra=2", "model=mlp"],  # another shape
         ["+extra=1", "extra=5"],
         ["+extra=1", "extra=6"],  # composed: the value may depend on the add before it
+        ["model=mlp", "model.hidden=3", "model={hidden:5}"],
+        ["model=mlp", "model.hidden=7", "model={hidden:5}"],  # composed: the dict merges after the value
     ]
     for job in jobs:
         ours = composer.load_sweep_config(master, job)
         assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(loader.load_sweep_config(master, job)), job
-    assert (composer.composed, composer.derived) == (5, 1)
+    assert (composer.composed, composer.derived) == (7, 1)
 
 
 def test_a_value_its_template_refuses_fails_through_hydra(loader):

@@ -95,10 +95,12 @@ class MemberComposer:
         return cfg
 
     def _derivable(self, parsed: list[Override], values: list[bool]) -> bool:
-        """Whether a job's other overrides are config-group choices or ``hydra.*`` options only: an add or
-        a delete of a task option may interact with a value set before it, so such jobs compose."""
+        """Whether a job's other overrides are config-group choices or ``hydra.*`` options only. Hydra
+        applies the rest (adds, deletes, a dict given to a group's key) in order with the values, so
+        they may interact with a value set before them: such jobs compose."""
         return all(
-            v or o.is_hydra_override() or self._is_group(o.key_or_group) for o, v in zip(parsed, values)
+            v or o.is_hydra_override() or (self._is_group(o.key_or_group) and not isinstance(o.value(), dict))
+            for o, v in zip(parsed, values)
         )
 
     def _is_group(self, key: str) -> bool:
