@@ -366,12 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     per_unit.update(interleaved_medians(device, chunks, max(5, repeats // 3)))
     distributions = QUICK_DISTRIBUTIONS if args.quick else STREAM_SHAPE["distributions"]
     cpu = device.type == "cpu"
-    # Before the streams: a run sets its own thread count (one, for one-sample steps).
-    where = f"{torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    where = f"{threads} threads" if cpu else torch.cuda.get_device_name(device)
     streams = {}
     for distance in ("cosine", "euclidean"):
         skipped = {"skipped": "--skip-stream"}
         streams[distance] = skipped if args.skip_stream else run_stream(device, distributions, distance)
+    torch.set_num_threads(threads)  # a run sets its own (one, for one-sample steps); the rows after use these
     stream = streams["cosine"]
 
     step_ratio = per_unit["step"] / per_unit["floor"]
