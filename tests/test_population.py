@@ -389,3 +389,33 @@ def test_bad_launcher_options_are_one_line(tmp_path, option, message):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.parametrize("shared_keys", [True, False])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_large_units_evaluate_member_by_member_as_their_runs_alone(shared_keys, layer_norm):
+    """Heads with large units evaluate each member through the layer's own evaluation (no gathered
+    copies of the selected units): the outputs and winners of every member's layer, evaluated alone."""
+    from memhead.layer import MemoryHead, check_options
+    from memhead.population.models import MH_MEMBER_OPTIONS, PopulationMemoryHead
+
+    in_features, out_features, seeds = 64, 70, (1, 2, 3)
+    options = {"key_mem_units": 9, "delta": 2, "shared_keys": shared_keys, "layer_norm": layer_norm}
+    layers = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        layers.append(MemoryHead(in_features, out_features, gamma_alpha=1.0 + seed, **options).eval())
+    normalised = [check_options(in_features, out_features, gamma_alpha=1.0 + s, **options) for s in seeds]
+    population = PopulationMemoryHead(
+        len(seeds), normalised[0], [{n: o[n] for n in MH_MEMBER_OPTIONS} for o in normalised]
+    )
+    population.load_members([layer.state_dict() for layer in layers])
+    population.eval()
+    assert population.evaluates_per_member
+    x = torch.randn(40, in_features)
+    with torch.inference_mode():
+        output = population(x.expand(len(seeds), *x.shape))
+        for p, layer in enumerate(layers):
+            expected = layer(x)
+            assert torch.equal(population.last_top_indices[p], layer.last_top_indices)
+            torch.testing.assert_close(output[p], expected, atol=1e-6, rtol=1e-5)

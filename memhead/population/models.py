@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memhead import blending
 from memhead.psi import apply_psi
 
 # The Memory Head's per-member scalar options.
@@ -26,6 +27,9 @@ MH_MEMBER_OPTIONS = ("beta_k", "gamma_alpha", "tau_alpha", "tau_mu", "tau_eta", 
 _LAYER_NORM_EPS = 1e-5
 # Up to this many selected keys the top-δ search is repeated maxima (ties to the lower index).
 _MAX_PASSES = 4
+# From this many floats of weights per sample (key sets x unit size), evaluation applies each member's
+# units as its run alone does (memhead.blending.evaluate) instead of gathering the selected units.
+MEMBER_EVALUATION_FLOATS = 4096
 
 Scalar = float | torch.Tensor
 
@@ -123,6 +127,35 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return centred / (x.var(dim=-1, keepdim=True) + _LAYER_NORM_EPS)
 
 
+class _GatheredRows(torch.autograd.Function):
+    """``memories.view(-1, u).index_select(0, rows)``, whose gradient reuses the previous step's tensor.
+
+    The memory gradient is ``index_add`` of the rows' gradients into zeros, as ``index_select``'s own
+    backward computes it, but into the tensor of the last step with its written rows zeroed
+    (:class:`memhead.blending.GradientRecycler`, as the layer does): at the NS-ImageNet shape a fresh
+    ``(P, 1, 100, 51300)`` zero tensor per step (330 MB for 16 members) cost four times the members'
+    optimizer step in allocation and page faults.
+    """
+
+    @staticmethod
+    def forward(ctx, memories: torch.Tensor, rows: torch.Tensor, recycler) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.recycler, ctx.memories = recycler, memories
+        return memories.view(-1, memories.shape[-1]).index_select(0, rows)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        grad, stale = ctx.recycler.acquire(ctx.memories)
+        flat = grad.view(-1, grad.shape[-1])
+        if stale is not None:
+            flat.index_fill_(0, stale, 0.0)
+        flat.index_add_(0, rows, grad_rows)
+        ctx.recycler.remember(rows)
+        return grad, None, None
+
+
 class PopulationMemoryHead(PopulationModule):
     """``P`` Memory Heads with one set of structural options and per-member scalar options.
 
@@ -163,6 +196,7 @@ class PopulationMemoryHead(PopulationModule):
             self.register_buffer("scramble_count", torch.empty(size, q, dtype=torch.long))
             names += ["usage", "age", "scramble_count"]
         self.single_names = {name: f"{prefix}{name}" for name in names}
+        self._recycler = blending.GradientRecycler(self.memories)
         self.scalar_values = {name: [s[name] for s in scalars] for name in MH_MEMBER_OPTIONS}
         self._set_scalars(torch.float32, torch.device("cpu"))
 
@@ -239,11 +273,17 @@ class PopulationMemoryHead(PopulationModule):
         # index_select: its backward is an index_add (fast in deterministic mode).
         table = self.memories.view(-1, self.unit_size)
         rows = self._rows_per_set(top_indices)
+        gather = (
+            self._gather if torch.is_grad_enabled() and self.memories.requires_grad else table.index_select
+        )
         if self.upd_m == "vanilla" or delta == 1:
-            return table.index_select(0, rows.reshape(-1)).view(size, batch, q, delta, -1)
-        winner = table.index_select(0, rows[..., 0].reshape(-1)).view(size, batch, q, 1, -1)
+            return gather(0, rows.reshape(-1)).view(size, batch, q, delta, -1)
+        winner = gather(0, rows[..., 0].reshape(-1)).view(size, batch, q, 1, -1)
         runners = table.detach().index_select(0, rows[..., 1:].reshape(-1))
         return torch.cat([winner, runners.view(size, batch, q, delta - 1, -1)], dim=3)
+
+    def _gather(self, dim: int, rows: torch.Tensor) -> torch.Tensor:
+        return _GatheredRows.apply(self.memories, rows, self._recycler)
 
     def _rows_per_set(self, top_indices: torch.Tensor) -> torch.Tensor:
         """Rows of ``(P, q, m, ·)`` state viewed flat, for indices ``(P, b, q, δ)`` into each key set."""
@@ -252,8 +292,26 @@ class PopulationMemoryHead(PopulationModule):
         key_set = torch.arange(q, device=top_indices.device).view(1, 1, -1, 1) * m
         return top_indices + member + key_set
 
+    @property
+    def evaluates_per_member(self) -> bool:
+        """Whether an evaluation forward goes member by member through the layer's own evaluation.
+
+        The batched path gathers every selected unit, ``P·b·q·δ·u`` floats: at the NS-ImageNet shape
+        (u = 100 x 513) 200 kB per sample and member, which made a 16-member population's evaluation
+        ten times slower than its 16 runs alone. The layer's evaluation applies each unit to the
+        samples that selected it without copying it. Small units (the 2-D heads) stay batched.
+        """
+        return self.num_key_sets * self.weight_size >= MEMBER_EVALUATION_FLOATS
+
     def _output(self, attention: torch.Tensor, top_indices: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         size, batch = flat.shape[:2]
+        if not torch.is_grad_enabled() and self.evaluates_per_member:
+            return torch.stack(
+                [
+                    blending.evaluate(self._member_layer(p), attention[p], top_indices[p], flat[p])
+                    for p in range(size)
+                ]
+            )
         if self.upd_m == "WTA" and self.upd_k == "grad_WTA" and attention.requires_grad:
             attention = torch.cat([attention[..., :1], attention[..., 1:].detach()], dim=-1)
         units = self._selected_units(top_indices)  # (P, b, q, δ, u)
@@ -273,6 +331,14 @@ class PopulationMemoryHead(PopulationModule):
         if self.bias:
             output = output + weights[..., n_in]
         return output
+
+    def _member_layer(self, p: int):
+        """Member ``p`` as :func:`memhead.blending.evaluate` reads a layer: its options and memories."""
+        from types import SimpleNamespace
+
+        names = ("in_features", "out_features", "bias", "shared_keys", "layer_norm", "key_mem_units",
+                 "num_key_sets", "weight_size", "unit_size")  # fmt: skip
+        return SimpleNamespace(memories=self.memories[p], **{name: getattr(self, name) for name in names})
 
     # ----------------------------------------------------------------------------------- key updates
     @torch.no_grad()

@@ -53,7 +53,10 @@ def eval_chunk(model, size: int, chunk_size: int) -> int:
     head = next((m for m in model.modules() if hasattr(m, "unit_size")), None)
     if head is None:
         return chunk_size
-    per_sample = head.size * head.num_key_sets * head.delta * head.unit_size
+    if head.evaluates_per_member:  # scores only: the units are applied where they lie
+        per_sample = head.size * head.num_key_sets * head.key_mem_units
+    else:  # the selected units, gathered
+        per_sample = head.size * head.num_key_sets * head.delta * head.unit_size
     return max(1, min(chunk_size, EVAL_FLOATS // per_sample))
 
 
