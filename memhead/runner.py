@@ -49,6 +49,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def request_deterministic_kernels() -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)``, without importing torch's compiler.
+
+    The public call imports ``torch._inductor`` (about 1 s of a process's start) only to set its
+    ``deterministic`` option, which the compiler also reads from ``TORCHINDUCTOR_DETERMINISTIC`` when
+    it is imported; runs never compile. So the option goes to the environment and the kernels' switch
+    is set by the setter the public call uses (``tests/test_run.py`` checks that it exists and that the
+    two calls leave the same state). A population, which builds no torch optimizer (whose first use
+    imports the compiler too), starts that much sooner. Once the compiler is imported: the public call.
+    """
+    if torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled():
+        return  # set already (the public call costs ~4 ms)
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; request deterministic kernels. Returns the run's generator."""
     # cuBLAS needs this before its first use to be deterministic.
@@ -56,9 +75,7 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if not (deterministic and torch.is_deterministic_algorithms_warn_only_enabled()):  # ~4 ms a call
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    request_deterministic_kernels()
     # Deterministic mode would also fill every new tensor with NaN (a debugging aid that costs a pass
     # over each allocation, gradients included); results never read uninitialised memory.
     torch.utils.deterministic.fill_uninitialized_memory = False
@@ -321,8 +338,14 @@ class Learner:
     generator: torch.Generator
 
 
-def build_learner(cfg: DictConfig, stream, device: torch.device, generator: torch.Generator) -> Learner:
-    """Model, competitor and optimizer as a run with ``cfg`` starts them (after :func:`seed_everything`)."""
+def build_learner(
+    cfg: DictConfig, stream, device: torch.device, generator: torch.Generator, optimizer: bool = True
+) -> Learner:
+    """Model, competitor and optimizer as a run with ``cfg`` starts them (after :func:`seed_everything`).
+
+    ``optimizer=False``: no optimizer (``Learner.optimizer`` is ``None``), for a population member,
+    which its population's optimizer trains (building one draws nothing from any generator).
+    """
     from competitors import build_competitor
     from memhead.models import MODELS
     from memhead.protocol import LOSSES
@@ -339,7 +362,7 @@ def build_learner(cfg: DictConfig, stream, device: torch.device, generator: torc
         generator=generator,
     )
     model = competitor.wrap(model).to(device)
-    return Learner(model, make_optimizer(model), competitor, loss_fn, generator)
+    return Learner(model, make_optimizer(model) if optimizer else None, competitor, loss_fn, generator)
 
 
 def resume(plan: RunPlan, learner: Learner, timer):

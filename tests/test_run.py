@@ -140,3 +140,33 @@ def test_threads_null_means_one_thread_on_one_sample_streams(tiny_cfg, tmp_path)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_deterministic_kernels_are_requested_without_importing_the_compiler():
+    """``seed_everything`` leaves the state ``torch.use_deterministic_algorithms(True, warn_only=True)``
+    leaves, through torch's own setter (this fails if torch drops it), without importing the compiler,
+    whose ``deterministic`` option is on once it is imported; afterwards the public call is used."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = """
+import sys, torch
+assert hasattr(torch._C, "_set_deterministic_algorithms")
+from memhead.runner import seed_everything
+assert not torch.are_deterministic_algorithms_enabled()
+seed_everything(1)
+assert "torch._inductor.config" not in sys.modules
+assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+import torch._inductor.config as inductor
+assert inductor.deterministic
+torch.use_deterministic_algorithms(False)
+seed_everything(2)
+assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_DETERMINISTIC"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr

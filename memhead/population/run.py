@@ -253,7 +253,7 @@ def _build_members(plans: list, stream, device, k: int) -> list[Member]:
     members = []
     for index, plan in enumerate(plans):
         generator = runner.seed_everything(plan.seed)
-        learner = runner.build_learner(plan.cfg, stream, device, generator)
+        learner = runner.build_learner(plan.cfg, stream, device, generator, optimizer=False)
         rows = slice(index * k, (index + 1) * k)
         memories = member_generator(device)
         members.append(Member(index, rows, plan, learner, memories, ProtocolState.start(stream)))
