@@ -75,24 +75,25 @@ def capture(
     *,
     config: dict,
     seed: int,
-    model,
-    optimizer,
-    competitor,
+    model_state: dict,
+    optimizer_state: dict | None,
+    competitor_state: dict,
     state,
     timer,
     elapsed_s: float,
-    generator: torch.Generator,
+    rng: dict,
 ) -> dict:
-    """Everything a run needs to continue after the boundary it has just finished."""
+    """Everything a run needs to continue after the boundary it has just finished (the optimizer's
+    state ``None``: nothing to train)."""
     return {
         "config": config,
         "seed": seed,
-        "model": model.state_dict(),
-        "optimizer": None if optimizer is None else optimizer.state_dict(),  # None: nothing to train
-        "competitor": competitor.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "competitor": competitor_state,
         "protocol": state.state_dict(),
         "timer": {"seconds": dict(timer.seconds), "samples": dict(timer.samples), "elapsed_s": elapsed_s},
-        "rng": rng_state(generator),
+        "rng": rng,
     }
 
 

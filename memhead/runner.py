@@ -449,17 +449,24 @@ class Recorder:
     def save_checkpoint(self, model, optimizer, state) -> None:
         from memhead import checkpoint
 
-        payload = checkpoint.capture(
-            config=self.plan.config,
-            seed=self.plan.seed,
-            model=model,
-            optimizer=optimizer,
-            competitor=self.learner.competitor,
-            state=state,
-            timer=self.timer,
-            elapsed_s=self.elapsed_s(),
-            generator=self.learner.generator,
+        self.write_checkpoint(
+            checkpoint.capture(
+                config=self.plan.config,
+                seed=self.plan.seed,
+                model_state=model.state_dict(),
+                optimizer_state=None if optimizer is None else optimizer.state_dict(),
+                competitor_state=self.learner.competitor.state_dict(),
+                state=state,
+                timer=self.timer,
+                elapsed_s=self.elapsed_s(),
+                rng=checkpoint.rng_state(self.learner.generator),
+            )
         )
+
+    def write_checkpoint(self, payload: dict) -> None:
+        """Save ``payload`` as the run's checkpoint; the next one is due ``interval_s`` from now."""
+        from memhead import checkpoint
+
         checkpoint.save(self.plan.out_dir / checkpoint.CHECKPOINT, payload)
         self.last_save = time.perf_counter()
 

@@ -86,7 +86,7 @@ def build_population(cfg, size: int, stream, device: torch.device):
         member = copy.deepcopy(cfg)
         member.seed = seed
         generator = runner.seed_everything(seed)
-        learners.append(runner.build_learner(member, stream, device, generator))
+        learners.append(runner.build_learner(member, stream, device, generator, optimizer=False))
         generators.append(member_generator(device))
         cfgs.append(member)
     model = build_model(cfgs, learners, stream.in_features, stream.num_classes, device, generators)

@@ -14,6 +14,7 @@ per member: a Python number when all members share it (the very scalar arithmeti
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -273,17 +274,18 @@ class PopulationMemoryHead(PopulationModule):
         # index_select: its backward is an index_add (fast in deterministic mode).
         table = self.memories.view(-1, self.unit_size)
         rows = self._rows_per_set(top_indices)
-        gather = (
-            self._gather if torch.is_grad_enabled() and self.memories.requires_grad else table.index_select
-        )
+        recycled = torch.is_grad_enabled() and self.memories.requires_grad
+
+        def gather(selected: torch.Tensor) -> torch.Tensor:
+            if recycled:
+                return _GatheredRows.apply(self.memories, selected, self._recycler)
+            return table.index_select(0, selected)
+
         if self.upd_m == "vanilla" or delta == 1:
-            return gather(0, rows.reshape(-1)).view(size, batch, q, delta, -1)
-        winner = gather(0, rows[..., 0].reshape(-1)).view(size, batch, q, 1, -1)
+            return gather(rows.reshape(-1)).view(size, batch, q, delta, -1)
+        winner = gather(rows[..., 0].reshape(-1)).view(size, batch, q, 1, -1)
         runners = table.detach().index_select(0, rows[..., 1:].reshape(-1))
         return torch.cat([winner, runners.view(size, batch, q, delta - 1, -1)], dim=3)
-
-    def _gather(self, dim: int, rows: torch.Tensor) -> torch.Tensor:
-        return _GatheredRows.apply(self.memories, rows, self._recycler)
 
     def _rows_per_set(self, top_indices: torch.Tensor) -> torch.Tensor:
         """Rows of ``(P, q, m, ·)`` state viewed flat, for indices ``(P, b, q, δ)`` into each key set."""
@@ -334,8 +336,6 @@ class PopulationMemoryHead(PopulationModule):
 
     def _member_layer(self, p: int):
         """Member ``p`` as :func:`memhead.blending.evaluate` reads a layer: its options and memories."""
-        from types import SimpleNamespace
-
         names = ("in_features", "out_features", "bias", "shared_keys", "layer_norm", "key_mem_units",
                  "num_key_sets", "weight_size", "unit_size")  # fmt: skip
         return SimpleNamespace(memories=self.memories[p], **{name: getattr(self, name) for name in names})

@@ -94,22 +94,18 @@ def member_checkpoint(member: Member, model, optimizer, state, recorder: MemberR
 
     The model state is keyed as the run alone's; the optimizer's is the population optimizer's rows of
     this member (``"population": True`` says so: only a population resumes it)."""
-    timer = recorder.timer
-    return {
-        "population": True,
-        "config": member.plan.config,
-        "seed": member.plan.seed,
-        "model": model.member_state(member.index),
-        "optimizer": optimizer.member_state(member.rows),
-        "competitor": member.learner.competitor.state_dict(),
-        "protocol": state.state_dict(),
-        "timer": {
-            "seconds": dict(timer.seconds),
-            "samples": dict(timer.samples),
-            "elapsed_s": recorder.elapsed_s(),
-        },
-        "rng": {"generator": member.learner.generator.get_state(), "memories": member.memories.get_state()},
-    }
+    payload = checkpoint.capture(
+        config=member.plan.config,
+        seed=member.plan.seed,
+        model_state=model.member_state(member.index),
+        optimizer_state=optimizer.member_state(member.rows),
+        competitor_state=member.learner.competitor.state_dict(),
+        state=state,
+        timer=recorder.timer,
+        elapsed_s=recorder.elapsed_s(),
+        rng={"generator": member.learner.generator.get_state(), "memories": member.memories.get_state()},
+    )
+    return {"population": True, **payload}
 
 
 def check_group(cfgs: list[DictConfig]) -> None:
@@ -360,9 +356,7 @@ def _at_boundary(i, model, optimizer, stream, members, recorders, preemption) ->
     stopping = preemption.signum is not None and state.next_distribution < n
     if recorders[0].checkpoint_due(i, state, n, stopping):
         for member, recorder in zip(members, recorders):
-            payload = member_checkpoint(member, model, optimizer, member.state, recorder)
-            checkpoint.save(member.plan.out_dir / checkpoint.CHECKPOINT, payload)
-            recorder.last_save = time.perf_counter()
+            recorder.write_checkpoint(member_checkpoint(member, model, optimizer, member.state, recorder))
             runner.write_json_atomic(member.plan.metrics_path, recorder.record(member.state, complete=False))
     if stopping:
         where = (
