@@ -399,16 +399,8 @@ def per_neuron_outputs_sampled(
 
     ``inputs @ units.view(q * m, n).T`` sampled where a sample selected a unit (a sparse pattern:
     ``torch.sparse.sampled_addmm``), then blended by attention: ``δ / m`` of the dense arithmetic,
-    no gathered copy of the units, and only ``b × q × δ`` values in memory.
-
-    Args:
-        inputs: ``(b, n)`` per-sample input vectors (the bias entry included).
-        units: ``(q, m, n)``, one weight row per unit of each key set.
-        indices: ``(b, q, δ)`` selected unit indices.
-        attention: ``(b, q, δ)`` blending weights.
-
-    Returns:
-        ``(b, q)``.
+    no gathered copy of the units, and only ``b × q × δ`` values in memory. Arguments and result as
+    :func:`per_neuron_outputs_dense`'s.
     """
     batch, q, delta = indices.shape
     m, n = units.shape[1:]
