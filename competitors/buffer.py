@@ -123,22 +123,29 @@ class ReplayBuffer:
         x = x.detach().to(self.device)
         y = y.detach().to(self.device)
         for i, label in enumerate(y.tolist()):
-            slot = self.policy.choose_slot(self, label, generator)
+            slot = self.offer(label, generator)
             if slot is not None:
-                self._write(slot, x[i], y[i], label)
-            self.seen += 1
+                self.write(slot, x[i], y[i])
 
-    def _write(self, slot: int, x: torch.Tensor, y: torch.Tensor, label: int) -> None:
-        if not 0 <= slot <= self.filled or slot >= self.size:
-            raise IndexError(f"slot {slot} is outside the filled part of a buffer of {self.size}")
+    def offer(self, label: int, generator: torch.Generator) -> int | None:
+        """The policy's slot for one incoming sample of class ``label`` (``None``: dropped), its
+        bookkeeping done; the caller writes the sample there (:meth:`write`)."""
+        slot = self.policy.choose_slot(self, label, generator)
+        if slot is not None:
+            if not 0 <= slot <= self.filled or slot >= self.size:
+                raise IndexError(f"slot {slot} is outside the filled part of a buffer of {self.size}")
+            if slot == self.filled:
+                self.slot_labels.append(label)
+            else:
+                self.slot_labels[slot] = label
+        self.seen += 1
+        return slot
+
+    def write(self, slot: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.inputs is None:
             self.inputs = torch.zeros((self.size, *x.shape), dtype=x.dtype, device=self.device)
         self.inputs[slot] = x
         self.labels[slot] = y
-        if slot == self.filled:
-            self.slot_labels.append(label)
-        else:
-            self.slot_labels[slot] = label
 
     def sample_slots(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``min(n, filled)`` distinct slots drawn uniformly (int64, on the CPU; empty while empty)."""
@@ -161,7 +168,9 @@ class ReplayBuffer:
         return [counts.get(c, 0) for c in range(num_classes)]
 
     def state_dict(self) -> dict:
-        return {"inputs": self.inputs, "labels": self.labels, "filled": self.filled, "seen": self.seen}
+        # Copies: the tensors may be views into a population's buffers (saving a view saves them all).
+        inputs = None if self.inputs is None else self.inputs.clone()
+        return {"inputs": inputs, "labels": self.labels.clone(), "filled": self.filled, "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         filled = int(state["filled"])

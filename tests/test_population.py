@@ -95,7 +95,13 @@ GRID_CDID = ["model=mh", "progress=false", "benchmark.order=CDID", "model.delta=
     ids=["mixed", "mh_modes CDID"],
 )  # fmt: skip
 def test_final_member_state_equals_the_run_alone(tmp_path, base, members):
-    """Not only the metrics: a member's final state (keys, memories, counters) is the run's, exactly."""
+    """Not only the metrics: a member's final state is the run's: the keys and counters (which record
+    every step's winners) exactly, the memories to float rounding.
+
+    The run alone applies a selected unit with ``torch.mv`` and the population with a batched product;
+    on some CPUs (AVX-512: MKL's kernels) the two round a 3-term dot product differently, so logits
+    and memory gradients may differ in the last bit (measured: memories within 6e-8 after 120 steps)
+    while every winner, and so every metric, stays the same."""
     from memhead.protocol import run_protocol
     from memhead.runner import build_learner, build_stream, resolve_device, seed_everything
 
@@ -111,7 +117,10 @@ def test_final_member_state_equals_the_run_alone(tmp_path, base, members):
         state = {"memories", "keys", "usage", "age", "scramble_count"}
         assert set(member.state_dict()) == set(alone) == state
         for name, value in member.state_dict().items():
-            assert torch.equal(value, alone[name]), name
+            if name == "memories":
+                torch.testing.assert_close(value, alone[name], rtol=0, atol=1e-6)
+            else:
+                assert torch.equal(value, alone[name]), name
 
 
 def test_finished_members_are_not_run_again(tmp_path, caplog):
@@ -197,9 +206,10 @@ def test_launcher_equals_basic_launcher_and_falls_back(tmp_path):
     """A mixed sweep: mh and mlp groups train as populations, the mir group runs one by one; every
     job's directory, .hydra/ files and metrics equal those of the basic launcher's sweep."""
     sweep = ["model=mh,mlp", "competitor=none,mir", "seed=1,2", "optimizer.lr=0.01,0.001", "model.hidden=4"]
-    out = _multirun(tmp_path, "population", *sweep, "hydra/launcher=population")
+    out = _multirun(tmp_path, "population", *sweep, "hydra/launcher=population", "hydra.launcher.workers=2")
     _multirun(tmp_path, "basic", *sweep)
     assert "as 4 groups (2 as populations, 2 one by one)" in out
+    assert "2 populations in 2 worker processes" in out
     assert "competitor=mir" in out
     population, basic = _records(tmp_path / "population"), _records(tmp_path / "basic")
     assert sorted(population) == sorted(basic) and len(population) == 16
@@ -338,28 +348,63 @@ def test_launcher_member_refused_alone(tmp_path):
     assert record["complete"] and record["seed"] == 2
 
 
-@pytest.mark.slow
-def test_launcher_kill_9_and_relaunch_gives_the_same_results(tmp_path):
+KILLABLE = ["benchmark.order=CDID", "benchmark.n=3000", "checkpoint.interval_s=0"]
+
+
+def _start_and_stop(tmp_path, sweep, sig):
+    """Launch ``sweep`` under the population launcher, send ``sig`` once every job holds a checkpoint;
+    returns the launcher's command (without its sweep directory) and its exit status."""
     import signal
     import time
 
-    sweep = ["seed=1,2,3", "benchmark.order=CDID", "benchmark.n=3000", "checkpoint.interval_s=0"]
     command = [sys.executable, "run.py", "-m", "hydra/launcher=population", "progress=false", *sweep]
-    killed_dir = tmp_path / "killed"
-    process = subprocess.Popen([*command, f"hydra.sweep.dir={killed_dir}"], cwd=REPO)
+    stopped_dir = tmp_path / "stopped"
+    process = subprocess.Popen([*command, f"hydra.sweep.dir={stopped_dir}"], cwd=REPO, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    jobs = len(sweep[0].split(",")) * len(sweep[1].split(","))
     deadline = time.time() + 240
-    while not all((killed_dir / str(j) / "checkpoint.pt").is_file() for j in range(3)):
+    while not all((stopped_dir / str(j) / "checkpoint.pt").is_file() for j in range(jobs)):
         assert process.poll() is None and time.time() < deadline, "the sweep ended before a checkpoint"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not json.loads((killed_dir / "0" / "metrics.json").read_text())["complete"]
-    _multirun(tmp_path, "killed", *command[3:])
+    process.send_signal(sig)
+    stderr = process.communicate(timeout=240)[1]
+    assert sig != signal.SIGKILL or process.returncode == -signal.SIGKILL
+    return command, process.returncode, stderr
+
+
+def _relaunch_equals_whole(tmp_path, command):
+    """The stopped sweep relaunched into its directory ends as the same sweep run without a stop."""
+    assert not json.loads((tmp_path / "stopped" / "0" / "metrics.json").read_text())["complete"]
+    _multirun(tmp_path, "stopped", *command[3:])  # a worker left alive would hold its runs' locks
     _multirun(tmp_path, "whole", *command[3:])
-    killed, whole = _records(killed_dir), _records(tmp_path / "whole")
-    assert sorted(killed) == sorted(whole) == ["0", "1", "2"]
+    stopped, whole = _records(tmp_path / "stopped"), _records(tmp_path / "whole")
+    assert sorted(stopped) == sorted(whole) and len(whole) >= 3
     for job in whole:
-        assert killed[job]["ccm"] == whole[job]["ccm"] and killed[job]["final"] == whole[job]["final"]
+        assert stopped[job]["ccm"] == whole[job]["ccm"] and stopped[job]["final"] == whole[job]["final"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_launcher_kill_9_and_relaunch_gives_the_same_results(tmp_path, workers):
+    """kill -9 of the launcher (with workers: they die with it) and a relaunch: the same results."""
+    import signal
+
+    sweep = ["seed=1,2,3", "model=mh,lp", *KILLABLE, f"hydra.launcher.workers={workers}"]
+    command, _, _ = _start_and_stop(tmp_path, sweep, signal.SIGKILL)
+    _relaunch_equals_whole(tmp_path, command)
+
+
+@pytest.mark.slow
+def test_preempted_workers_checkpoint_and_resume(tmp_path):
+    """SIGTERM to the launcher reaches every worker: each stops at its next boundary, checkpoints
+    written; the launcher exits 143 in one line, and the relaunch ends as an uninterrupted sweep."""
+    import signal
+
+    sweep = ["seed=1,2", "model=mh,lp", *KILLABLE, "hydra.launcher.workers=2"]
+    command, returncode, stderr = _start_and_stop(tmp_path, sweep, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "memhead: stopped by signal 15" in stderr and "Traceback" not in stderr
+    _relaunch_equals_whole(tmp_path, command)
 
 
 @pytest.mark.slow
@@ -381,10 +426,17 @@ def test_local_executor_runs_each_group_as_a_process(tmp_path):
         ("executor=cloud", "hydra.launcher.executor='cloud' is not allowed; allowed: inline, local, slurm"),
         ("max_members=0", "hydra.launcher.max_members=0 is not allowed; allowed: null, >= 1"),
         ("max_members=many", "hydra.launcher.max_members='many' is not allowed; allowed: null, >= 1"),
+        ("workers=0", "hydra.launcher.workers=0 is not allowed; allowed: null, >= 1"),
+        (
+            "executor=local hydra.launcher.workers=2",
+            "hydra.launcher.workers=2 is not allowed with "
+            "executor=local: workers share out the inline executor's populations (allowed there: null, 1)",
+        ),
     ],
 )
 def test_bad_launcher_options_are_one_line(tmp_path, option, message):
-    command = [sys.executable, "run.py", "-m", "hydra/launcher=population", f"hydra.launcher.{option}",
+    options = f"hydra.launcher.{option}".split()
+    command = [sys.executable, "run.py", "-m", "hydra/launcher=population", *options,
                f"hydra.sweep.dir={tmp_path}", *TINY, "seed=1,2"]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -42,6 +42,26 @@ class Job:
     ret: JobReturn | None = None
 
 
+def output_dir(config: DictConfig) -> str:
+    """A job's directory, as ``run_job`` makes it (``hydra.sweep.dir`` / ``hydra.sweep.subdir``)."""
+    return os.path.abspath(os.path.join(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)))
+
+
+def task_return(job: Job) -> JobReturn:
+    """The return of a job a worker process ran: its overrides and the task part of its config (split
+    in place, as :func:`write_job_dir` splits it there); the rest is settled from the worker's outcome."""
+    ret = JobReturn(overrides=job.overrides, cfg=job.config, task_name=str(job.config.hydra.job.name))
+    with read_write(ret.cfg), open_dict(ret.cfg):
+        del ret.cfg["hydra"]
+    return ret
+
+
+def exit_preempted(signum: int, message: str) -> None:
+    """Stop the sweep on a preemption signal, as a run alone does (its checkpoints are written)."""
+    print(f"memhead: {message}", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
 def write_job_dir(config: DictConfig) -> JobReturn:
     """A member job's directory and ``.hydra/`` files, as :func:`hydra.core.utils.run_job` writes them
     before it calls the task (the same bytes; the tests compare them with the basic launcher's).
@@ -50,9 +70,9 @@ def write_job_dir(config: DictConfig) -> JobReturn:
     the job's logging set-up, job callbacks) does not apply; the population's log goes to every member's
     log file instead (:func:`member_logs`).
     """
-    output_dir = os.path.abspath(os.path.join(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)))
+    out_dir = output_dir(config)
     with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
-        config.hydra.runtime.output_dir = output_dir
+        config.hydra.runtime.output_dir = out_dir
     ret = JobReturn()
     ret.hydra_cfg = OmegaConf.masked_copy(config, "hydra")  # what run_job's HydraConfig holds
     ret.overrides = OmegaConf.to_container(config.hydra.overrides.task)
@@ -61,9 +81,9 @@ def write_job_dir(config: DictConfig) -> JobReturn:
         del ret.cfg["hydra"]
     ret.working_dir = os.getcwd()
     ret.task_name = str(ret.hydra_cfg.hydra.job.name)
-    os.makedirs(output_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     if ret.hydra_cfg.hydra.output_subdir is not None:
-        hydra_output = os.path.join(output_dir, str(ret.hydra_cfg.hydra.output_subdir))
+        hydra_output = os.path.join(out_dir, str(ret.hydra_cfg.hydra.output_subdir))
         os.makedirs(hydra_output, exist_ok=True)
         for name, node in (("config.yaml", ret.cfg), ("hydra.yaml", ret.hydra_cfg),
                            ("overrides.yaml", ret.hydra_cfg.hydra.overrides.task)):  # fmt: skip
@@ -114,19 +134,33 @@ def split(members: list, max_members: int | None) -> list[list]:
     return [members[i : i + max_members] for i in range(0, len(members), max_members)]
 
 
+def _count_option(name: str, value) -> int | None:
+    if value is not None and (type(value) is not int or value < 1):
+        raise ConfigError(f"hydra.launcher.{name}={value!r} is not allowed; allowed: null, >= 1")
+    return value
+
+
 class PopulationLauncher(Launcher):
-    def __init__(self, max_members: int | None = None, executor: str = "inline", **executor_settings) -> None:
+    def __init__(
+        self,
+        max_members: int | None = None,
+        executor: str = "inline",
+        workers: int | None = None,
+        **executor_settings,
+    ) -> None:
         # executor_settings: the ``slurm`` and ``local`` nodes, read from the sweep's config at launch.
         super().__init__()
-        if max_members is not None and (type(max_members) is not int or max_members < 1):
-            raise ConfigError(
-                f"hydra.launcher.max_members={max_members!r} is not allowed; allowed: null, >= 1"
-            )
         if executor not in EXECUTORS:
             raise ConfigError(
                 f"hydra.launcher.executor={executor!r} is not allowed; allowed: {', '.join(EXECUTORS)}"
             )
-        self.max_members = None if max_members is None else int(max_members)
+        self.max_members = _count_option("max_members", max_members)
+        self.workers = _count_option("workers", workers)
+        if executor != "inline" and self.workers not in (None, 1):
+            raise ConfigError(
+                f"hydra.launcher.workers={workers} is not allowed with executor={executor}: "
+                "workers share out the inline executor's populations (allowed there: null, 1)"
+            )
         self.executor = executor
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
@@ -198,17 +232,70 @@ class PopulationLauncher(Launcher):
                 log.info("group %d: a population of %d jobs (%s)", number, len(part),
                          ", ".join(f"#{j.idx}" for j in part))  # fmt: skip
                 units.append((True, part))
-        if self.executor == "inline":
-            for population, members in units:
-                if population:
-                    self._run_population(members)
-                else:
-                    for job in members:
-                        log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
-                        job.ret = self._run_job(job, self.task_function)
-        else:
+        if self.executor != "inline":
             self._submit(units)
+            return [job.ret for job in jobs]
+        populations = [members for population, members in units if population]
+        workers = self._worker_count(populations)
+        if workers > 1:
+            self._run_in_workers(populations, workers)
+        else:
+            from memhead.run_dir import Preempted
+
+            for members in populations:
+                try:
+                    self._settle_population(members, *self._train_population(members))
+                except Preempted as err:  # the members' checkpoints are written: a relaunch resumes them
+                    exit_preempted(err.signum, str(err))
+        for population, members in units:
+            if not population:
+                for job in members:
+                    log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
+                    job.ret = self._run_job(job, self.task_function)
         return [job.ret for job in jobs]
+
+    def _worker_count(self, populations: list[list[Job]]) -> int:
+        """``workers``, or by default one per usable CPU core when every population trains on the CPU
+        (CUDA ones share out a GPU better within one process); never more than there are populations."""
+        from hydra_plugins.memhead_population.workers import usable_cpus
+
+        if self.workers is not None:
+            return min(self.workers, len(populations))
+        on_cpu = all(str(members[0].config.device) == "cpu" for members in populations)
+        return min(usable_cpus(), len(populations)) if on_cpu else 1
+
+    def _run_in_workers(self, populations: list[list[Job]], workers: int) -> None:
+        """Every population in one of ``workers`` forked processes (``workers.py``), settled here as each
+        ends. A preemption signal stops them all at their next boundary, checkpoints written, as inline."""
+        from hydra_plugins.memhead_population.workers import run_units
+        from memhead.hydra_callbacks import holds_a_run
+
+        log.info("%d populations in %d worker processes", len(populations), workers)
+        out_dirs = [[output_dir(job.config) for job in jobs] for jobs in populations]
+        kept = [[holds_a_run(Path(d)) for d in dirs] for dirs in out_dirs]
+        preempted, lost = None, None
+        outcomes = dict.fromkeys(range(len(populations)))
+        ended = run_units(lambda unit: self._train_population(populations[unit]), len(populations), workers)
+        for unit, outcome in ended:
+            outcomes[unit] = outcome
+            if outcome[0] == "preempted":  # its checkpoints are written: a relaunch resumes them
+                preempted = preempted or outcome[1:]
+            lost = lost or (outcome[1] if outcome[0] == "lost" else None)
+        if preempted is not None:
+            exit_preempted(*preempted)
+        for unit, outcome in outcomes.items():
+            jobs = populations[unit]
+            for job in jobs:
+                job.ret = task_return(job)
+            if outcome is not None and outcome[0] == "done":
+                self._settle_population(jobs, *outcome[1])
+                continue
+            # Its checkpoints, if any, stay: a relaunch resumes them.
+            reason = (
+                f"the worker process training it died (exit code {outcome[1]})" if outcome is not None
+                else f"not started: every worker process died (the last with exit code {lost})"
+            )  # fmt: skip
+            self._settle_population(jobs, out_dirs[unit], kept[unit], [{"error": reason}] * len(jobs))
 
     def _submit(self, units: list[tuple[bool, list[Job]]]) -> None:
         """Every unit as one submitit job (one SLURM array); wait for them, then settle each job."""
@@ -258,7 +345,9 @@ class PopulationLauncher(Launcher):
         kept = [holds_a_run(Path(out_dir)) for out_dir in out_dirs]  # never replaced by a failure record
         return out_dirs, kept
 
-    def _run_population(self, jobs: list[Job]) -> None:
+    def _train_population(self, jobs: list[Job]) -> tuple[list[str], list[bool], list[dict]]:
+        """A population's job directories, trained: where they are, which held a run before, and each
+        job's outcome. A preemption signal ends the process here (inline) or the worker's unit."""
         from memhead.hydra_callbacks import user_error
         from memhead.population.run import run_population
         from memhead.run_dir import Preempted
@@ -267,14 +356,13 @@ class PopulationLauncher(Launcher):
         try:
             with member_logs([log_file(job.ret) for job in jobs]):
                 outcomes = [outcome_of(v) for v in run_population([job.ret.cfg for job in jobs], out_dirs)]
-        except Preempted as err:  # the members' checkpoints are written: a relaunch resumes them
-            print(f"memhead: {err}", file=sys.stderr)
-            sys.exit(128 + err.signum)
+        except Preempted:  # the members' checkpoints are written: a relaunch resumes them
+            raise
         except Exception as err:  # the population failed: so did each of its jobs
             if user_error(err, out_dirs[0]) is None:  # a bug: its traceback, once
                 log.exception("population of jobs %s failed", [job.idx for job in jobs])
             outcomes = [outcome_of(err)] * len(jobs)
-        self._settle_population(jobs, out_dirs, kept, outcomes)
+        return out_dirs, kept, outcomes
 
     def _settle_population(self, jobs: list[Job], out_dirs: list[str], kept: list[bool], outcomes) -> None:
         """Each job's return (its optimised value, or ``"failed: <reason>"`` as run.py returns it) and
