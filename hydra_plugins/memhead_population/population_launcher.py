@@ -4,7 +4,8 @@ Each job's config is Hydra's (composed once per shape, the rest derived: ``compo
 directory gets the basic launcher's ``.hydra/`` files (:func:`write_job_dir`). Jobs whose configs are
 equal except for member options form a group; each group trains as one population (split into
 populations of at most ``max_members``); a group that populations cannot train runs its jobs one by
-one through the sweep's own task function. ``executor`` says where: this process (``inline``), or one
+one through the sweep's own task function. ``executor`` says where: this machine (``inline``: in
+``workers`` forked processes, ``workers.py``), or one
 submitit job per group (``local``, ``slurm``: ``executors.py``).
 """
 
