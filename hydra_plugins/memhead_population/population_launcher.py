@@ -266,22 +266,22 @@ class PopulationLauncher(Launcher):
         return min(usable_cpus(), len(populations)) if on_cpu else 1
 
     def _run_in_workers(self, populations: list[list[Job]], workers: int) -> None:
-        """Every population in one of ``workers`` forked processes (``workers.py``), settled here as each
-        ends. A preemption signal stops them all at their next boundary, checkpoints written, as inline."""
+        """Every population in one of ``workers`` forked processes (``workers.py``), settled here once
+        all have ended. A preemption signal stops them all at their next boundary, checkpoints
+        written, as inline."""
         from hydra_plugins.memhead_population.workers import run_units
         from memhead.hydra_callbacks import holds_a_run
 
         log.info("%d populations in %d worker processes", len(populations), workers)
         out_dirs = [[output_dir(job.config) for job in jobs] for jobs in populations]
         kept = [[holds_a_run(Path(d)) for d in dirs] for dirs in out_dirs]
-        preempted, lost = None, None
-        outcomes = dict.fromkeys(range(len(populations)))
-        ended = run_units(lambda unit: self._train_population(populations[unit]), len(populations), workers)
-        for unit, outcome in ended:
+        preempted = None
+        outcomes: dict[int, tuple | None] = dict.fromkeys(range(len(populations)))
+        train = lambda unit: self._train_population(populations[unit])[2]  # noqa: E731 - dirs known here
+        for unit, outcome in run_units(train, len(populations), workers):
             outcomes[unit] = outcome
-            if outcome[0] == "preempted":  # its checkpoints are written: a relaunch resumes them
-                preempted = preempted or outcome[1:]
-            lost = lost or (outcome[1] if outcome[0] == "lost" else None)
+            if outcome[0] == "preempted" and preempted is None:  # its checkpoints are written
+                preempted = outcome[1:]
         if preempted is not None:
             exit_preempted(*preempted)
         for unit, outcome in outcomes.items():
@@ -289,13 +289,11 @@ class PopulationLauncher(Launcher):
             for job in jobs:
                 job.ret = task_return(job)
             if outcome is not None and outcome[0] == "done":
-                self._settle_population(jobs, *outcome[1])
+                self._settle_population(jobs, out_dirs[unit], kept[unit], outcome[1])
                 continue
             # Its checkpoints, if any, stay: a relaunch resumes them.
-            reason = (
-                f"the worker process training it died (exit code {outcome[1]})" if outcome is not None
-                else f"not started: every worker process died (the last with exit code {lost})"
-            )  # fmt: skip
+            reason = "not started: every worker process died" if outcome is None else (
+                f"the worker process training it died (exit code {outcome[1]})")  # fmt: skip
             self._settle_population(jobs, out_dirs[unit], kept[unit], [{"error": reason}] * len(jobs))
 
     def _submit(self, units: list[tuple[bool, list[Job]]]) -> None:
@@ -348,7 +346,7 @@ class PopulationLauncher(Launcher):
 
     def _train_population(self, jobs: list[Job]) -> tuple[list[str], list[bool], list[dict]]:
         """A population's job directories, trained: where they are, which held a run before, and each
-        job's outcome. A preemption signal ends the process here (inline) or the worker's unit."""
+        job's outcome. On a preemption signal: :class:`~memhead.run_dir.Preempted`."""
         from memhead.hydra_callbacks import user_error
         from memhead.population.run import run_population
         from memhead.run_dir import Preempted

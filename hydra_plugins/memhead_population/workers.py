@@ -56,7 +56,7 @@ def _serve(connection, work: Callable[[int], object], parent: int, threads: int)
     try:
         while (unit := connection.recv()) is not None:
             if noted:
-                connection.send(("preempted", noted[0], "signalled before it started"))
+                connection.send(("preempted", noted[0], f"stopped by signal {noted[0]} before it started"))
                 continue
             try:
                 connection.send(("done", work(unit)))
