@@ -41,12 +41,23 @@ def scores(head, z: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None =
     dot_scaled: written into ``out`` ``(b, q * m)`` if given)."""
     q, d = keys.shape[0], keys.shape[-1]
     if head.distance == "euclidean":
-        # The paper's formula (cdist takes its matmul expansion for large sizes): no (b, m, d) tensor.
-        squared = torch.cdist(z.expand(q, *z.shape), keys).pow(2).transpose(0, 1)
-        return torch.exp(-squared / (math.sqrt(d) * head.sigma_eu))
+        squared = squared_distances(z, keys)
+        return torch.exp(-squared / (math.sqrt(d) * head.sigma_eu)).view(len(z), q, -1)
     # The paper's z @ K.T, with every key set's keys as columns of one product (scaled in place: the
     # same values without a second (b, q, m) tensor).
     return torch.mm(z, keys.reshape(-1, d).T, out=out).div_(math.sqrt(d)).view(len(z), q, -1)
+
+
+def squared_distances(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The paper's ``torch.cdist(z, K).pow(2)`` of queries ``(..., b, d)`` against every key set
+    ``(..., q, m, d)``: ``(..., b, q * m)``, no ``(b, m, d)`` tensor.
+
+    One cdist over all key sets' keys (a batch of ``q`` would copy the queries ``q`` times), in the
+    mode cdist picks for one key set alone: its matmul expansion from 25 queries or keys on.
+    """
+    *lead, q, m, d = keys.shape
+    mode = "use_mm_for_euclid_dist" if max(z.shape[-2], m) > 25 else "donot_use_mm_for_euclid_dist"
+    return torch.cdist(z, keys.reshape(*lead, q * m, d), compute_mode=mode).pow(2)
 
 
 def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

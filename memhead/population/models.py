@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memhead import blending
+from memhead import blending, reference
 from memhead.psi import apply_psi
 
 # The Memory Head's per-member scalar options.
@@ -260,12 +260,9 @@ class PopulationMemoryHead(PopulationModule):
         """Scores ``(P, b, q, m)`` of queries ``(P, b, d)`` against keys ``(P, q, m, d)``."""
         scale = math.sqrt(self.key_size)
         if self.distance == "euclidean":
-            # The layer's (and the paper's) formula, torch.cdist per member and key set: the same numbers.
-            size, batch, d = queries.shape
-            q, m = keys.shape[1:3]
-            z = queries[:, None].expand(size, q, batch, d).reshape(size * q, batch, d)
-            squared = torch.cdist(z, keys.reshape(size * q, m, d)).pow(2).view(size, q, batch, m)
-            return torch.exp(-squared.transpose(1, 2) / _along(self.score_width, 4))
+            # The layer's (and the paper's) formula, per member: the same numbers.
+            squared = reference.squared_distances(queries, keys).view(*queries.shape[:2], *keys.shape[1:3])
+            return torch.exp(-squared / _along(self.score_width, 4))
         return torch.einsum("pbd,pqmd->pbqm", queries, keys) / scale
 
     def _selected_units(self, top_indices: torch.Tensor) -> torch.Tensor:
