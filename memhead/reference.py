@@ -41,8 +41,11 @@ def scores(head, z: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None =
     dot_scaled: written into ``out`` ``(b, q * m)`` if given)."""
     q, d = keys.shape[0], keys.shape[-1]
     if head.distance == "euclidean":
-        squared = squared_distances(z, keys)
-        return torch.exp(-squared / (math.sqrt(d) * head.sigma_eu)).view(len(z), q, -1)
+        squared, width = squared_distances(z, keys), math.sqrt(d) * head.sigma_eu
+        if squared.requires_grad:
+            return torch.exp(-squared / width).view(len(z), q, -1)
+        # The same operations in place: no temporaries of b × q × m floats (per-neuron keys: tens of MB).
+        return squared.neg_().div_(width).exp_().view(len(z), q, -1)
     # The paper's z @ K.T, with every key set's keys as columns of one product (scaled in place: the
     # same values without a second (b, q, m) tensor).
     return torch.mm(z, keys.reshape(-1, d).T, out=out).div_(math.sqrt(d)).view(len(z), q, -1)
@@ -57,7 +60,8 @@ def squared_distances(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """
     *lead, q, m, d = keys.shape
     mode = "use_mm_for_euclid_dist" if max(z.shape[-2], m) > 25 else "donot_use_mm_for_euclid_dist"
-    return torch.cdist(z, keys.reshape(*lead, q * m, d), compute_mode=mode).pow(2)
+    distances = torch.cdist(z, keys.reshape(*lead, q * m, d), compute_mode=mode)
+    return distances.pow(2) if distances.requires_grad else distances.pow_(2)
 
 
 def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
