@@ -260,7 +260,7 @@ class PopulationMemoryHead(PopulationModule):
         """Scores ``(P, b, q, m)`` of queries ``(P, b, d)`` against keys ``(P, q, m, d)``."""
         scale = math.sqrt(self.key_size)
         if self.distance == "euclidean":
-            # The layer's (and the paper's) formula, per member: the same numbers.
+            # The layer's (and the paper's) formula: the layer's one cdist call, batched over members.
             squared = reference.squared_distances(queries, keys).view(*queries.shape[:2], *keys.shape[1:3])
             return torch.exp(-squared / _along(self.score_width, 4))
         return torch.einsum("pbd,pqmd->pbqm", queries, keys) / scale
