@@ -185,14 +185,11 @@ def _rss_growth_child(part: str, queue) -> None:
     torch.set_num_threads(1)  # the same arithmetic with fewer thread-local buffers in the figure
     work = Workload(torch.device("cpu"))
     run = {"step": work.online_steps, "eval": work.head_chunks}[part]
-    resident = _reset_peak_resident()
-    if resident is None:  # no resettable high-water mark: the growth of the process's maximum
-        before = _max_rss_bytes()
-        run(2)
-        queue.put(_max_rss_bytes() - before)
-    else:  # building the workload peaked higher than the part may: measure from here on
-        run(2)
-        queue.put(_status_bytes("VmHWM") - resident)
+    # Building the workload peaked higher than the part may: where the high-water mark can be reset,
+    # the part's peak is measured from here on; elsewhere the growth of the process's maximum.
+    resident, before = _reset_peak_resident(), _max_rss_bytes()
+    run(2)
+    queue.put(_max_rss_bytes() - before if resident is None else _status_bytes("VmHWM") - resident)
 
 
 def _status_bytes(field: str) -> int:

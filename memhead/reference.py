@@ -41,18 +41,18 @@ def scores(head, z: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None =
     dot_scaled: written into ``out`` ``(b, q * m)`` if given)."""
     q, d = keys.shape[0], keys.shape[-1]
     if head.distance == "euclidean":
-        squared, width = squared_distances(z, keys), math.sqrt(d) * head.sigma_eu
-        if squared.requires_grad:
-            return torch.exp(-squared / width).view(len(z), q, -1)
+        distances, width = key_distances(z, keys), math.sqrt(d) * head.sigma_eu
+        if distances.requires_grad:
+            return torch.exp(-distances.pow(2) / width).view(len(z), q, -1)
         # The same operations in place: no temporaries of b × q × m floats (per-neuron keys: tens of MB).
-        return squared.neg_().div_(width).exp_().view(len(z), q, -1)
+        return distances.pow_(2).neg_().div_(width).exp_().view(len(z), q, -1)
     # The paper's z @ K.T, with every key set's keys as columns of one product (scaled in place: the
     # same values without a second (b, q, m) tensor).
     return torch.mm(z, keys.reshape(-1, d).T, out=out).div_(math.sqrt(d)).view(len(z), q, -1)
 
 
-def squared_distances(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The paper's ``torch.cdist(z, K).pow(2)`` of queries ``(..., b, d)`` against every key set
+def key_distances(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The paper's ``torch.cdist(z, K)`` of queries ``(..., b, d)`` against every key set
     ``(..., q, m, d)``: ``(..., b, q * m)``, no ``(b, m, d)`` tensor.
 
     One cdist over all key sets' keys (a batch of ``q`` would copy the queries ``q`` times), in the
@@ -60,8 +60,7 @@ def squared_distances(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """
     *lead, q, m, d = keys.shape
     mode = "use_mm_for_euclid_dist" if max(z.shape[-2], m) > 25 else "donot_use_mm_for_euclid_dist"
-    distances = torch.cdist(z, keys.reshape(*lead, q * m, d), compute_mode=mode)
-    return distances.pow(2) if distances.requires_grad else distances.pow_(2)
+    return torch.cdist(z, keys.reshape(*lead, q * m, d), compute_mode=mode)
 
 
 def top(scores: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -261,8 +261,8 @@ class PopulationMemoryHead(PopulationModule):
         scale = math.sqrt(self.key_size)
         if self.distance == "euclidean":
             # The layer's (and the paper's) formula: the layer's one cdist call, batched over members.
-            squared = reference.squared_distances(queries, keys).view(*queries.shape[:2], *keys.shape[1:3])
-            return torch.exp(-squared / _along(self.score_width, 4))
+            distances = reference.key_distances(queries, keys).view(*queries.shape[:2], *keys.shape[1:3])
+            return torch.exp(-distances.pow(2) / _along(self.score_width, 4))
         return torch.einsum("pbd,pqmd->pbqm", queries, keys) / scale
 
     def _selected_units(self, top_indices: torch.Tensor) -> torch.Tensor:
